@@ -1,0 +1,217 @@
+"""Structured configs: one dataclass per component, composed by Hydra from `configs/`.
+
+Every YAML file under `configs/` is merged into these typed nodes, so an unknown key or a value of the wrong
+type fails at start-up with a message naming the key. `OmegaConf.to_object` then builds the dataclasses, which
+runs each `__post_init__` validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from gram.losses import LossConfig
+from gram.models.beats import BeatsConfig
+from gram.models.text import TextConfig
+from gram.models.vision import VisionConfig
+
+MODALITIES = ("text", "video", "audio", "subtitle", "depth")
+DATA_MODALITIES = MODALITIES[1:]
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"config key `{key}`: {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _require(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class PathsConfig:
+    """Where data and weights live. Relative paths are relative to the directory `run.py` is started from."""
+
+    data_dir: str = "data"
+    weights_dir: str = "pretrained_weights"
+
+
+@dataclass
+class DatasetConfig:
+    """One split of one dataset: an annotation file and the media folders its ids point into."""
+
+    annotations: str = ""
+    video_dir: Optional[str] = None
+    audio_dir: Optional[str] = None
+    depth_dir: Optional[str] = None
+    video_extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "webm", "avi", "mov"])
+    audio_extensions: list[str] = field(default_factory=lambda: ["mp3", "wav", "m4a", "flac", "ogg", "aac"])
+    depth_extensions: list[str] = field(default_factory=lambda: ["mp4", "npy"])
+    # DiDeMo ships a list of ids whose videos are broken; those records are dropped (and counted).
+    corrupted: Optional[str] = None
+    # Size of the standard split (e.g. 1000 for MSRVTT 1k-A); the evaluation reports it beside what was evaluated.
+    canonical_size: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    train: Optional[DatasetConfig] = None
+    test: Optional[DatasetConfig] = None
+    # Generate the sample dataset into `sample_dir` when it is missing (the embedded default run).
+    generate_sample: bool = False
+    sample_dir: str = "data/sample"
+    sample_train_size: int = 600
+    sample_test_size: int = 100
+    tokenizer: str = "pretrained_weights/bert-base-uncased"
+    num_frames: int = 8
+    test_num_frames: int = 8
+    image_size: int = 224
+    transform: str = "none"
+    num_audio_clips: int = 1
+    audio_target_length: int = 1024
+    audio_mel_bins: int = 64
+    max_text_len: int = 40
+    max_subtitle_len: int = 70
+    batch_size: int = 64  # global, over all ranks and accumulation steps
+    test_batch_size: int = 64
+    num_workers: int = 2
+    # Training skips a missing/undecodable clip (logged once, counted); above this fraction the run stops.
+    max_failed_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _one_of(self.transform, ("none", "crop_flip"), "data.transform")
+        for key in ("num_frames", "test_num_frames", "image_size", "num_audio_clips", "batch_size", "test_batch_size"):
+            _require(getattr(self, key) > 0, f"data.{key}", "must be positive")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The GRAM model: one encoder per modality family, projections into a shared `embed_dim` space."""
+
+    name: str = "gram_base"
+    # Data modalities besides the text anchor; their order is the order of the volume's data vectors.
+    modalities: list[str] = field(default_factory=lambda: ["video", "audio"])
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    audio: BeatsConfig = field(default_factory=BeatsConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    max_frames: int = 8
+    max_audio_clips: int = 1
+    matching_head: bool = True
+    freeze_vision: bool = False
+    freeze_audio: bool = False
+    freeze_text: bool = False
+
+    def __post_init__(self) -> None:
+        _require(len(self.modalities) > 0, "model.modalities", "at least one data modality is needed")
+        for m in self.modalities:
+            _one_of(m, DATA_MODALITIES, "model.modalities")
+        _require(len(set(self.modalities)) == len(self.modalities), "model.modalities", "duplicates")
+        _require(self.embed_dim > 0, "model.embed_dim", "must be positive")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "ddp"  # ddp | deepspeed
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 1000
+    # End the run early (with a checkpoint) without changing the schedule, which still spans max_steps.
+    stop_after_steps: Optional[int] = None
+    lr: float = 2e-5
+    vision_lr: float = 5e-7
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_ratio: float = 0.1
+    schedule: str = "warmup_linear"  # warmup_linear | warmup_cosine | constant
+    grad_clip: float = 0.0  # 0 disables clipping (the reference never clipped)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: save only at the end (and on stop/preemption)
+    keep_last: int = 2
+    best_metric: str = "t2v_r1"
+    resume: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    zero_stage: int = 2
+    detect_anomaly: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, ("ddp", "deepspeed"), "trainer.backend")
+        _one_of(self.precision, ("fp32", "bf16", "fp16"), "trainer.precision")
+        _one_of(self.schedule, ("warmup_linear", "warmup_cosine", "constant"), "trainer.schedule")
+        _require(self.max_steps > 0, "trainer.max_steps", "must be positive")
+        _require(self.grad_accum_steps >= 1, "trainer.grad_accum_steps", "must be >= 1")
+        _require(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio", "must be in [0, 1)")
+        _require(len(self.betas) == 2, "trainer.betas", "needs two values")
+        _require(self.zero_stage in (1, 2), "trainer.zero_stage", "DeepSpeed ZeRO stage 1 or 2")
+
+
+@dataclass
+class EvalConfig:
+    # Which data modalities enter the score: T-V = [video], T-VA = [video, audio], ... (defaults to model's).
+    modalities: Optional[list[str]] = None
+    # "first": one caption per video, as the reference; "all": every caption is a query.
+    caption_protocol: str = "first"
+    rerank_k: int = 0  # DAM re-ranking of the top-k (the paper's setting is 50); 0 disables it
+    chunk_size: int = 1024
+    # Evaluation never skips a test item silently; set this to evaluate what exists and report the count.
+    allow_missing: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.caption_protocol, ("first", "all"), "eval.caption_protocol")
+        _require(self.rerank_k >= 0, "eval.rerank_k", "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "gram"
+    entity: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("offline", "online", "disabled"), "logger.wandb.mode")
+
+
+@dataclass
+class LoggerConfig:
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class GramConfig:
+    mode: str = "train"  # train | test
+    checkpoint: Optional[str] = None  # a checkpoint file or an output dir (its latest checkpoint)
+    output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    seed: int = 42
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # What a reproduction needs and what the paper reports; logged beside our own numbers.
+    experiment: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("train", "test"), "mode")
+        _require(self.mode != "test" or bool(self.checkpoint), "checkpoint",
+                 "mode=test needs checkpoint=PATH (a checkpoint file or a training output dir)")
+        needed = ("train", "test") if self.mode == "train" else ("test",)
+        _require(any(getattr(self.data, s) is not None for s in needed), "data",
+                 f"the dataset config {self.data.name!r} has no {' or '.join(needed)} split for mode={self.mode}")
+        for split in (self.data.train, self.data.test):
+            _require(split is None or bool(split.annotations), "data.*.annotations",
+                     "each split needs an annotation JSON file")
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/config.yaml` can extend it (idempotent)."""
+    ConfigStore.instance().store(name="gram_schema", node=GramConfig)

@@ -1,0 +1,181 @@
+"""Datasets and batches. A batch is a dict keyed by modality, so the model and loss never branch on datasets.
+
+Batch layout (B samples; `n_v` frames, `n_a` audio clips):
+    ids        list[str]                     video ids
+    text       {"input_ids", "attention_mask"}: (B, L) long
+    video      (B, n_v, 3, S, S) float32      CLIP-normalised frames
+    audio      (B, n_a, T, F) float32         normalised fbank clips (zeros for a clip without audio)
+    audio_mask (B,) bool                      False where the clip had no audio at all
+    subtitle   {"input_ids", "attention_mask"}: (B, L_s) long
+    depth      (B, n_d, 3, S, S) float32
+    skipped    list[str]                      paths of training samples that failed to load (dropped)
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from gram.config import DataConfig, DatasetConfig
+from gram.data.annotations import AnnotationRecord, read_annotations, resolve_media
+from gram.data.audio import MediaError, NoAudioStreamError, load_audio_clips, silent_clips
+from gram.data.video import VideoTransform, load_video_frames
+
+log = logging.getLogger(__name__)
+
+
+class MissingMediaError(FileNotFoundError):
+    """Raised when evaluation items have no media file; lists the ids so nothing is dropped silently."""
+
+    def __init__(self, split: str, missing: Sequence[str], folder: Optional[str]):
+        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        super().__init__(
+            f"{len(missing)} {split} item(s) have no media file in {folder}: {shown}. Evaluation never drops items "
+            f"silently: add the files (see data/README.md, scripts/check_dataset.py) or set eval.allow_missing=true "
+            f"to evaluate only what exists (the results then report how many items were evaluated)."
+        )
+        self.missing = list(missing)
+
+
+@dataclass
+class MediaPaths:
+    video: Optional[Path]
+    audio: Optional[Path]
+    depth: Optional[Path]
+
+
+def _sample_seed(*parts: Any) -> int:
+    """A stable per-sample seed, independent of worker count and process, so resumed runs redraw the same frames."""
+    return zlib.crc32(repr(parts).encode())
+
+
+class VideoTextDataset(Dataset):
+    """Annotation records plus the media they point to, loaded for the requested data modalities."""
+
+    def __init__(self, split: DatasetConfig, data: DataConfig, modalities: Sequence[str], training: bool,
+                 seed: int = 0, allow_missing: bool = False):
+        self.split, self.data, self.modalities, self.training = split, data, tuple(modalities), training
+        self.seed, self.epoch = seed, 0
+        self.records = read_annotations(split.annotations, corrupted=split.corrupted)
+        self.num_annotated = len(self.records)
+        self.media = [self._resolve(r) for r in self.records]
+        self._check_complete(allow_missing)
+        self.num_frames = data.num_frames if training else data.test_num_frames
+        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+
+    def _resolve(self, record: AnnotationRecord) -> MediaPaths:
+        s = self.split
+
+        def find(folder: Optional[str], exts: Sequence[str]) -> Optional[Path]:
+            return resolve_media(folder, record.video_id, exts) if folder else None
+
+        return MediaPaths(find(s.video_dir, s.video_extensions), find(s.audio_dir, s.audio_extensions),
+                          find(s.depth_dir, s.depth_extensions))
+
+    def _is_missing(self, paths: MediaPaths) -> bool:
+        """An item lacks a required file; audio alone may come from the video's own track."""
+        m = self.modalities
+        return (("video" in m and paths.video is None) or ("depth" in m and paths.depth is None)
+                or ("audio" in m and paths.audio is None and paths.video is None))
+
+    def _check_complete(self, allow_missing: bool) -> None:
+        """Training drops (and logs) items without media; evaluation refuses to run on an incomplete split."""
+        missing = [i for i, p in enumerate(self.media) if self._is_missing(p)]
+        self.missing_ids = [self.records[i].video_id for i in missing]
+        if not missing:
+            return
+        ids = self.missing_ids
+        if not (self.training or allow_missing):
+            raise MissingMediaError(Path(self.split.annotations).name, ids, self.split.video_dir)
+        log.warning("%s: %d of %d items have no media file and are left out (first: %s)",
+                    self.split.annotations, len(ids), len(self.records), ids[0])
+        drop = set(missing)
+        self.records = [r for i, r in enumerate(self.records) if i not in drop]
+        self.media = [p for i, p in enumerate(self.media) if i not in drop]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption(self, index: int, generator: torch.Generator) -> str:
+        captions = self.records[index].captions
+        if self.training and len(captions) > 1:
+            return captions[int(torch.randint(len(captions), (1,), generator=generator))]
+        return captions[0]
+
+    def __getitem__(self, index: int) -> Optional[dict[str, Any]]:
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+        record, paths = self.records[index], self.media[index]
+        item: dict[str, Any] = {"id": record.video_id, "caption": self.caption(index, generator)}
+        try:
+            for modality in self.modalities:
+                item.update(self._load(modality, record, paths, generator))
+        except MediaError as error:
+            if not self.training:
+                raise
+            return {"id": record.video_id, "failed": str(error)}
+        return item
+
+    def _load(self, modality: str, record: AnnotationRecord, paths: MediaPaths,
+              generator: torch.Generator) -> dict[str, Any]:
+        if modality == "video":
+            return {"video": load_video_frames(paths.video, self.num_frames, self.training, self.transform,
+                                               generator=generator)}
+        if modality == "depth":
+            return {"depth": load_video_frames(paths.depth, self.num_frames, self.training, self.transform,
+                                               generator=generator)}
+        if modality == "subtitle":
+            return {"subtitle": record.subtitle or ""}
+        if modality == "audio":
+            return self._load_audio(paths, generator)
+        raise ValueError(f"unknown modality {modality!r}")
+
+    def _load_audio(self, paths: MediaPaths, generator: torch.Generator) -> dict[str, Any]:
+        """Separate audio file first, else the video's own track; a clip without any audio gets silence + mask."""
+        d = self.data
+        source = paths.audio or paths.video
+        try:
+            if source is None:
+                raise NoAudioStreamError(f"no audio file and no video for this item in {self.split.audio_dir}")
+            clips = load_audio_clips(source, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
+                                     training=self.training, generator=generator)
+            return {"audio": clips, "audio_mask": True}
+        except NoAudioStreamError:
+            return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),
+                    "audio_mask": False}
+
+
+class Collator:
+    """Stacks media, tokenizes text and subtitles, and drops (but reports) samples that failed to load."""
+
+    def __init__(self, tokenizer, max_text_len: int, max_subtitle_len: int):
+        self.tokenizer, self.max_text_len, self.max_subtitle_len = tokenizer, max_text_len, max_subtitle_len
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                             return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(self, items: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
+        good = [it for it in items if "failed" not in it]
+        batch: dict[str, Any] = {"skipped": [it["failed"] for it in items if "failed" in it],
+                                 "ids": [it["id"] for it in good]}
+        if not good:
+            return batch
+        batch["text"] = self.tokenize([it["caption"] for it in good], self.max_text_len)
+        if "subtitle" in good[0]:
+            batch["subtitle"] = self.tokenize([it["subtitle"] for it in good], self.max_subtitle_len)
+        for key in ("video", "audio", "depth"):
+            if key in good[0]:
+                batch[key] = torch.stack([it[key] for it in good]).float()
+        if "audio_mask" in good[0]:
+            batch["audio_mask"] = torch.tensor([it["audio_mask"] for it in good])
+        return batch

@@ -1,0 +1,89 @@
+"""Data loaders: an endless, resumable training stream and a complete, ordered evaluation pass."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from gram import distributed as dist
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled, drop_last) that can start part-way into an epoch, for exact resume."""
+
+    def __init__(self, dataset, seed: int, start_index: int = 0):
+        super().__init__(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True,
+                         seed=seed, drop_last=True)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class TrainStream:
+    """Endless batches over epochs; `state()`/`load_state()` give the exact data position for resume."""
+
+    def __init__(self, dataset, collate: Callable, micro_batch: int, num_workers: int, seed: int):
+        if len(dataset) < micro_batch * dist.get_world_size():
+            raise ValueError(f"the training split has {len(dataset)} items, fewer than one global batch "
+                             f"({micro_batch} x {dist.get_world_size()} ranks); lower data.batch_size")
+        self.dataset, self.collate, self.micro_batch = dataset, collate, micro_batch
+        self.num_workers, self.seed = num_workers, seed
+        self.epoch, self.batches_done = 0, 0
+        self._iterator: Iterator[Any] | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self._iterator = None
+
+    def _start_epoch(self) -> Iterator[Any]:
+        self.dataset.set_epoch(self.epoch)
+        sampler = ResumableSampler(self.dataset, self.seed, start_index=self.batches_done * self.micro_batch)
+        sampler.set_epoch(self.epoch)
+        loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=sampler, drop_last=True,
+                            num_workers=self.num_workers, collate_fn=self.collate,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        return iter(loader)
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._iterator is None:
+                self._iterator = self._start_epoch()
+            try:
+                batch = next(self._iterator)
+                self.batches_done += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+
+class ShardSampler(Sampler[int]):
+    """Contiguous, unpadded shard of an evaluation set per rank, so gathering in rank order restores the order."""
+
+    def __init__(self, size: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        per_rank = -(-size // world)
+        self.indices = range(min(size, rank * per_rank), min(size, (rank + 1) * per_rank))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(dataset, collate: Callable, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), collate_fn=collate,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,357 @@
+"""Video frames: segment sampling, decoding, and the EVA-CLIP clip transform.
+
+Decoding sits behind one function, :func:`decode_frames`. The default backend is PyAV (chosen by
+``bench/data.py``; numbers in its docstring): it reads the packet index once (no decoding), then decodes
+only what the requested frames need:
+
+* frames are addressed by presentation order, using the packet timestamps, so the frame count is exact
+  without trusting container metadata;
+* when the next requested frame lies past a keyframe that has not been reached yet, it seeks to that
+  keyframe instead of decoding everything in between, so a 3-minute video costs about what its sampled
+  groups of pictures cost, not its length;
+* frames that no other frame references (most B-frames) are skipped unless they are requested, which
+  changes no decoded pixel (nothing predicts from them) and roughly halves the work.
+
+``decord`` (package ``decord2``) and ``opencv`` (seek per frame with ``CAP_PROP_POS_FRAMES``, the
+reference's method, kept as the benchmark baseline) are optional backends with the same signature.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from gram.data.audio import MediaDecodeError, MediaNotFoundError
+
+log = logging.getLogger(__name__)
+
+PathType = str | PathLike
+# Frame positions, or a function of the frame count that returns them (lets one open serve both).
+IndexSpec = Sequence[int] | Callable[[int], Sequence[int]]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKENDS = ("pyav", "decord", "opencv")
+
+
+def sample_frame_indices(
+    num_total: int, num_frames: int, training: bool, generator: torch.Generator | None = None
+) -> list[int]:
+    """Pick ``num_frames`` frame positions out of ``num_total``, one per uniform segment, in temporal order.
+
+    The segments are ``np.array_split(range(num_total), num_frames)`` (the first ``num_total % num_frames``
+    are one frame longer). Training draws a random frame in each segment from ``generator``; test takes the
+    lower-middle frame ``segment[(len + 1) // 2 - 1]`` as the reference does. A video with fewer frames than
+    asked repeats frames, in order (e.g. 3 frames, 8 asked: ``[0, 0, 0, 1, 1, 1, 2, 2]``).
+    """
+    if num_total <= 0 or num_frames <= 0:
+        raise ValueError(f"need a positive frame count and number of frames, got {num_total} and {num_frames}")
+    if num_total < num_frames:
+        return [j * num_total // num_frames for j in range(num_frames)]
+    base, extra = divmod(num_total, num_frames)
+    lengths = [base + 1 if j < extra else base for j in range(num_frames)]
+    starts = np.cumsum([0, *lengths[:-1]]).tolist()
+    if training:
+        offsets = [int(torch.randint(n, (1,), generator=generator)) for n in lengths]
+    else:
+        offsets = [(n + 1) // 2 - 1 for n in lengths]
+    return [s + o for s, o in zip(starts, offsets)]
+
+
+def decode_frames(path: PathType, indices: IndexSpec, backend: str = "pyav") -> torch.Tensor:
+    """Decode the frames at ``indices`` (presentation order, 0-based) of the video at ``path``.
+
+    ``indices`` may repeat and come in any order; it may also be a function from the frame count to the
+    positions, so the file is opened once. A ``.npy`` file is read as precomputed frames
+    ((n, H, W, 3) or (n, H, W) uint8, e.g. depth maps) whatever the backend.
+
+    Returns a uint8 tensor (len(indices), H, W, 3), RGB. Raises :class:`MediaNotFoundError` for a missing
+    file and :class:`MediaDecodeError` (naming the file) when it has no video or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MediaNotFoundError(f"video file not found: {path}")
+    if path.suffix.lower() == ".npy":
+        return _read_frame_array(path, indices)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    readers = {"pyav": _decode_pyav, "decord": _decode_decord, "opencv": _decode_opencv_seek}
+    return torch.from_numpy(readers[backend](path, indices))
+
+
+def load_video_frames(
+    path: PathType,
+    num_frames: int,
+    training: bool,
+    transform: VideoTransform | None,
+    generator: torch.Generator | None = None,
+    backend: str = "pyav",
+) -> torch.Tensor:
+    """Sample, decode and transform ``num_frames`` frames of a video.
+
+    Returns (num_frames, 3, s, s) float32 normalised by ``transform``, or the raw (num_frames, 3, H, W)
+    uint8 frames when ``transform`` is None. The same ``generator`` drives frame jitter and the crop.
+    """
+    frames = decode_frames(  # (n, H, W, 3) uint8
+        path, lambda total: sample_frame_indices(total, num_frames, training, generator), backend
+    )
+    clip = frames.permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
+    return clip if transform is None else transform(clip, generator)
+
+
+class VideoTransform:
+    """EVA-CLIP clip transform on uint8 (n, 3, H, W) frames, giving float32 (n, 3, s, s), normalised.
+
+    ``mode="none"`` squashes every frame to (s, s). ``mode="crop_flip"`` trains with a square
+    random-resized crop (area 80-100 %) and a random horizontal flip, and tests with a resize of the short
+    side to s and a centre crop. One crop and one flip are drawn per clip and applied to all its frames.
+    Random draws come from the ``generator`` passed to the call (or the global torch RNG when None).
+    ``antialias`` smooths downscaling; the reference resized tensors without it (torchvision 0.15).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mode: str = "none",
+        training: bool = False,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        antialias: bool = True,
+        scale: tuple[float, float] = (0.8, 1.0),
+    ):
+        if mode not in ("none", "crop_flip"):
+            raise ValueError(f"unknown video transform mode {mode!r}; expected 'none' or 'crop_flip'")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size, self.mode, self.training = image_size, mode, training
+        self.mean, self.std, self.antialias, self.scale = list(mean), list(std), antialias, scale
+
+    def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, 3, H, W) uint8 -> (n, 3, s, s) float32 normalised."""
+        if clip.ndim != 4 or clip.shape[1] != 3 or clip.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 clip of shape (n, 3, H, W), got {clip.dtype} {tuple(clip.shape)}")
+        resized = self._geometry(clip, generator)
+        scaled = TF.to_dtype(resized, torch.float32, scale=True)  # [0, 255] -> [0, 1]
+        return TF.normalize(scaled, self.mean, self.std)
+
+    def _geometry(self, clip: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        s = self.image_size
+        if self.mode == "none":
+            return TF.resize(clip, [s, s], antialias=self.antialias)
+        if not self.training:
+            short = TF.resize(clip, [s], antialias=self.antialias)  # short side -> s
+            return TF.center_crop(short, [s, s])
+        top, left, h, w = square_crop_params(clip.shape[-2], clip.shape[-1], self.scale, generator)
+        cropped = TF.resized_crop(clip, top, left, h, w, [s, s], antialias=self.antialias)
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+        return TF.horizontal_flip(cropped) if flip else cropped
+
+
+def square_crop_params(
+    height: int, width: int, scale: tuple[float, float], generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a square crop covering ``scale`` of the frame area, as RandomResizedCrop(ratio=1).
+
+    torchvision's ``RandomResizedCrop.get_params`` draws from the global RNG only; this is its algorithm
+    (10 tries, then the largest centred square) with an explicit generator so a clip is reproducible.
+    """
+    area = height * width
+    for _ in range(10):
+        target = area * float(torch.empty(()).uniform_(scale[0], scale[1], generator=generator))
+        side = round(target**0.5)
+        if 0 < side <= min(height, width):
+            top = int(torch.randint(height - side + 1, (1,), generator=generator))
+            left = int(torch.randint(width - side + 1, (1,), generator=generator))
+            return top, left, side, side
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _resolve_indices(indices: IndexSpec, total: int, path: Path) -> list[int]:
+    if total <= 0:
+        raise MediaDecodeError(f"no video frames in {path}")
+    wanted = list(indices(total) if callable(indices) else indices)
+    bad = [i for i in wanted if not 0 <= i < total]
+    if bad or not wanted:
+        raise ValueError(f"frame positions {bad or wanted} out of range for {path} ({total} frames)")
+    return wanted
+
+
+def _read_frame_array(path: Path, indices: IndexSpec) -> torch.Tensor:
+    """Precomputed frames from a .npy file: (n, H, W, 3) or (n, H, W) -> (len(indices), H, W, 3) uint8."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise MediaDecodeError(f"cannot read frame array {path}: {err}") from err
+    if array.ndim == 3:
+        array = array[..., None].repeat(3, axis=-1)  # (n, H, W) -> (n, H, W, 3) grey
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise MediaDecodeError(f"{path}: expected uint8 frames (n, H, W, 3), got {array.dtype} {array.shape}")
+    wanted = _resolve_indices(indices, array.shape[0], path)
+    return torch.from_numpy(np.ascontiguousarray(array[wanted]))
+
+
+@dataclass
+class _PacketIndex:
+    """Presentation timestamps of every video packet, sorted, and those of the keyframes."""
+
+    pts: list[int]
+    key_pts: list[int]
+
+    def keyframe_before(self, pts: int) -> int:
+        """The latest keyframe timestamp at or before ``pts`` (the first one when none is)."""
+        k = bisect_right(self.key_pts, pts) - 1
+        return self.key_pts[max(k, 0)]
+
+
+def _decode_pyav(path: Path, indices: IndexSpec) -> np.ndarray:
+    """PyAV backend: (len(indices), H, W, 3) uint8 (see the module docstring for the strategy)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaDecodeError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            index = _packet_index(container, stream)
+            if index is None:  # no usable timestamps: count by decoding, in order
+                return _decode_sequential(path, indices)
+            wanted = _resolve_indices(indices, len(index.pts), path)
+            frames = _decode_by_pts(container, stream, index, sorted({index.pts[i] for i in wanted}))
+    except av.FFmpegError as err:
+        raise MediaDecodeError(f"cannot decode video {path}: {err}") from err
+    return _gather(path, frames, [index.pts[i] for i in wanted])
+
+
+def _packet_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
+    """Read (not decode) every packet once; None when timestamps are missing or repeated."""
+    pts, key_pts = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the flush packet at the end
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            key_pts.append(packet.pts)
+    pts.sort()
+    if not pts or not key_pts or len(set(pts)) != len(pts):
+        return None
+    key_pts.sort()
+    return _PacketIndex(pts, key_pts)
+
+
+def _decode_by_pts(
+    container: av.container.InputContainer, stream: av.VideoStream, index: _PacketIndex, targets: list[int]
+) -> dict[int, np.ndarray]:
+    """Decode the frames whose pts are ``targets`` (sorted), seeking to keyframes to jump over long gaps."""
+    wanted, frames = set(targets), {}
+    packets, fed_max = None, None  # the current demux iterator and the largest pts fed since the last seek
+    for target in targets:
+        if target in frames:
+            continue
+        keyframe = index.keyframe_before(target)
+        if packets is None or fed_max is None or keyframe > fed_max:
+            container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+            packets, fed_max = container.demux(stream), None
+        fed_max = _decode_until(stream, packets, target, wanted, frames, fed_max)
+        if target not in frames and keyframe != index.key_pts[0]:
+            # The seek landed past the target (imprecise container index): decode from the first keyframe.
+            container.seek(index.key_pts[0], stream=stream, backward=True, any_frame=False)
+            packets = container.demux(stream)
+            fed_max = _decode_until(stream, packets, target, wanted, frames, None)
+    return frames
+
+
+def _decode_until(stream, packets, target: int, wanted: set[int], frames: dict, fed_max: int | None):
+    """Feed packets until the frame at ``target`` is out, or a later one (missed), or the stream ends.
+
+    Returns the largest pts fed so far, which tells the caller whether the next target needs a seek.
+    """
+    codec = stream.codec_context
+    for packet in packets:
+        if packet.size and packet.pts is not None:
+            # Frames nothing predicts from can be skipped without changing any other frame.
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+            fed_max = packet.pts if fed_max is None else max(fed_max, packet.pts)
+        last = None
+        for frame in packet.decode():  # every frame of the packet, so none is lost when we stop here
+            last = frame.pts if frame.pts is not None else last
+            if frame.pts in wanted and frame.pts not in frames:
+                frames[frame.pts] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        if target in frames or (last is not None and last > target):
+            return fed_max
+    codec.skip_frame = "DEFAULT"
+    return fed_max
+
+
+def _gather(path: Path, frames: dict[int, np.ndarray], order: list[int]) -> np.ndarray:
+    """Stack decoded frames in request order; a frame the stream could not produce repeats its predecessor."""
+    if not frames:
+        raise MediaDecodeError(f"no frame could be decoded from {path}")
+    keys = sorted(frames)
+    missing = [p for p in order if p not in frames]
+    if missing:
+        log.warning("%s: %d requested frames could not be decoded; repeating the nearest earlier frame",
+                    path, len(missing))
+    picked = [frames.get(p, frames[keys[max(bisect_right(keys, p) - 1, 0)]]) for p in order]
+    return np.stack(picked)  # (n, H, W, 3)
+
+
+def _decode_sequential(path: Path, indices: IndexSpec) -> np.ndarray:
+    """Fallback without timestamps: count frames by decoding, then decode again up to the last one needed."""
+    with av.open(str(path)) as container:
+        total = sum(1 for _ in container.decode(video=0))
+    wanted = _resolve_indices(indices, total, path)
+    needed, frames = set(wanted), {}
+    with av.open(str(path)) as container:
+        for position, frame in enumerate(container.decode(video=0)):
+            if position in needed:
+                frames[position] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+            if position >= max(needed):
+                break
+    return _gather(path, frames, wanted)
+
+
+def _decode_decord(path: Path, indices: IndexSpec) -> np.ndarray:
+    """decord backend (``pip install decord2``): random access through its own keyframe index."""
+    try:
+        import decord
+    except ImportError as err:
+        raise ImportError("video backend 'decord' needs the decord2 package: pip install 'gram[decord]'") from err
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        wanted = _resolve_indices(indices, len(reader), path)
+        return reader.get_batch(wanted).asnumpy()  # (n, H, W, 3) uint8
+    except decord.DECORDError as err:
+        raise MediaDecodeError(f"cannot decode video {path}: {err}") from err
+
+
+def _decode_opencv_seek(path: Path, indices: IndexSpec) -> np.ndarray:
+    """The reference's method (``pip install opencv-python-headless``): seek to every frame, BGR -> RGB."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError("video backend 'opencv' needs: pip install opencv-python-headless") from err
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise MediaDecodeError(f"cannot open video {path} with OpenCV")
+        wanted = _resolve_indices(indices, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), path)
+        frames = []
+        for i in wanted:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, i)
+            ok, bgr = capture.read()
+            if not ok:
+                raise MediaDecodeError(f"OpenCV could not read frame {i} of {path}")
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        return np.stack(frames)  # (n, H, W, 3)
+    finally:
+        capture.release()

@@ -1,0 +1,127 @@
+"""Retrieval evaluation: embed every test item once (sharded over ranks), then score in blocks.
+
+Protocol made explicit: which modalities enter the score, one or all captions per video, how many items were
+evaluated against the canonical split size. Nothing is skipped silently (see `VideoTextDataset`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+
+from gram import distributed as dist
+from gram.config import EvalConfig
+from gram.data.dataset import Collator, VideoTextDataset
+from gram.data.loader import eval_loader
+from gram.eval.scoring import retrieval_metrics_from_embeddings
+from gram.models.gram_model import GramModel
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
+
+
+def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors (also one level down, e.g. tokenized text) to `device`; everything else unchanged."""
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+    return {k: move(v) for k, v in batch.items()}
+
+
+def caption_queries(dataset: VideoTextDataset, protocol: str) -> tuple[list[str], list[int]]:
+    """(captions, index of each caption's video): the first caption per video, or all of them."""
+    captions, owners = [], []
+    for i, record in enumerate(dataset.records):
+        chosen = record.captions[:1] if protocol == "first" else record.captions
+        captions += chosen
+        owners += [i] * len(chosen)
+    return captions, owners
+
+
+@torch.no_grad()
+def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, modalities: Sequence[str],
+                batch_size: int, num_workers: int, device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{modality: (N, D)} for every item, in dataset order, identical on every rank."""
+    from tqdm.auto import tqdm
+
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    loader = eval_loader(dataset, collate, batch_size, num_workers)
+    for batch in tqdm(loader, desc="embed test items", disable=not progress, leave=False):
+        batch = move_to(batch, device)
+        for m in modalities:
+            parts[m].append(model.encode(m, batch[m]).float())
+    width = model.cfg.embed_dim
+    return {m: dist.all_gather(torch.cat(p) if p else torch.zeros(0, width, device=device), with_grad=False)
+            for m, p in parts.items()}
+
+
+@torch.no_grad()
+def embed_texts(model: GramModel, collate: Collator, texts: Sequence[str], batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """(N, D) text embeddings; each rank embeds a contiguous shard, then all ranks gather."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = -(-len(texts) // world)
+    shard = texts[rank * per_rank:(rank + 1) * per_rank]
+    out = [model.encode("text", move_to(collate.tokenize(shard[i:i + batch_size], collate.max_text_len), device))
+           for i in range(0, len(shard), batch_size)]
+    local = torch.cat(out).float() if out else torch.zeros(0, model.cfg.embed_dim, device=device)
+    return dist.all_gather(local, with_grad=False)
+
+
+def scorings(modalities: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """Named scorings: the volume over all data modalities, plus cosine for each single pair."""
+    rows = {"volume": ("volume", list(modalities))}
+    rows.update({f"cosine_{m}": ("cosine", [m]) for m in modalities})
+    return rows
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Collator, cfg: EvalConfig,
+                       batch_size: int, num_workers: int, device: torch.device,
+                       progress: bool = False) -> dict[str, Any]:
+    """Both directions for every scoring. Returns {"scorings": {name: metrics}, protocol fields...}."""
+    was_training = model.training
+    model.eval()
+    modalities = list(cfg.modalities or model.modalities)
+    unknown = [m for m in modalities if m not in model.modalities]
+    if unknown:
+        raise ValueError(f"eval.modalities {unknown} are not modalities of this model ({list(model.modalities)})")
+    items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device, progress)
+    captions, owners = caption_queries(dataset, cfg.caption_protocol)
+    text = embed_texts(model, collate, captions, batch_size, device)
+    results = {name: retrieval_metrics_from_embeddings(text, [items[m] for m in mods], owners, kind=kind,
+                                                       chunk_size=cfg.chunk_size)
+               for name, (kind, mods) in scorings(modalities).items()}
+    model.train(was_training)
+    return {"scorings": results, "modalities": ["text", *modalities], "caption_protocol": cfg.caption_protocol,
+            "n_videos": len(dataset), "n_captions": len(captions), "n_annotated": dataset.num_annotated,
+            "canonical_size": dataset.split.canonical_size, "missing_ids": dataset.missing_ids}
+
+
+def warn_if_incomplete(result: dict[str, Any], name: str) -> Optional[str]:
+    expected = result.get("canonical_size") or result.get("n_annotated")
+    if expected and result["n_videos"] != expected:
+        message = (f"{name}: evaluated {result['n_videos']} videos, but the split has {expected}: "
+                   f"these metrics are not comparable to published numbers")
+        log.warning(message)
+        return message
+    return None
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one row per dataset and scoring, both directions."""
+    header = (f"{'dataset':<14} {'scoring':<14} {'n':>6} | " + " ".join(f"t2v_{k:<5}" for k in METRIC_KEYS)
+              + " | " + " ".join(f"v2t_{k:<5}" for k in METRIC_KEYS))
+    lines = [header, "-" * len(header)]
+    for dataset, result in results.items():
+        for scoring, m in result["scorings"].items():
+            t2v = " ".join(f"{m[f't2v_{k}']:>9.2f}" for k in METRIC_KEYS)
+            v2t = " ".join(f"{m[f'v2t_{k}']:>9.2f}" for k in METRIC_KEYS)
+            lines.append(f"{dataset:<14} {scoring:<14} {result['n_videos']:>6} | {t2v} | {v2t}")
+    return "\n".join(lines)

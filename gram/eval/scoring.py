@@ -1,0 +1,302 @@
+"""Blockwise text-to-data score matrices and streaming retrieval metrics.
+
+Scores follow the metrics convention (higher = better):
+
+* ``kind="volume"``: score[i, j] = -Vol(text_i, data_1[j], ..., data_{k-1}[j]), the GRAM volume of the
+  k-dimensional parallelotope (``gram.losses.volume``); a smaller volume ranks first.
+* ``kind="cosine"``: score[i, j] = cos(text_i, data[j]) for a single data modality (T-V, T-A). Inputs are
+  L2-normalised here, so unnormalised features still give a true cosine.
+* a callable ``fn(anchor_block (b1, d), *data_blocks (b2, d)) -> (b1, b2)`` used as is (higher = better).
+
+Everything runs over square tiles of ``chunk_size`` rows and columns, so peak memory is a few tiles no
+matter how many texts and candidates there are. ``retrieval_ranks_from_embeddings`` never holds the score
+matrix at all: it ranks both directions in two passes over the tiles (see its docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gram.eval.metrics import Targets, metrics_from_ranks, target_lists
+
+BlockFn = Callable[..., torch.Tensor]
+DEFAULT_CHUNK_SIZE = 512
+KINDS = ("volume", "cosine")
+
+
+def _negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
+    """-Vol(anchor_i, data_1[j], ...) for a tile: anchor (b1, d), data (b2, d) each -> (b1, b2)."""
+    from gram.losses import volume  # imported on use: the loss package may import eval helpers itself
+
+    return volume(anchor, *data).neg_()
+
+
+def _dot(anchor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Dot products of pre-normalised rows: anchor (b1, d) @ data (b2, d).T -> (b1, b2)."""
+    return anchor @ data.T  # (b1, d) @ (d, b2) -> (b1, b2)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Inputs ready for tiling: the anchor, the data tensors and the tile score function."""
+
+    anchor: torch.Tensor  # (Nt, d)
+    data: tuple[torch.Tensor, ...]  # each (Nv, d)
+    fn: BlockFn
+
+
+class _Tiler:
+    """Scores of tiles that all have the same shape; inputs are zero-padded to whole tiles.
+
+    BLAS picks kernels (and so summation orders) by matrix shape: with a ragged last tile the same
+    feature pair can score differently by an ulp in different tiles, which breaks exact ties (a collapsed
+    model would no longer tie everywhere). With one tile shape every tile computes a pair the same way.
+    Pad rows are cropped from the output.
+    """
+
+    def __init__(self, prepared: _Prepared, chunk_size: int):
+        self.fn = prepared.fn
+        self.n_rows, self.n_cols = prepared.anchor.shape[0], prepared.data[0].shape[0]
+        self.row_size, self.col_size = _tile_side(self.n_rows, chunk_size), _tile_side(self.n_cols, chunk_size)
+        self.anchor = _pad_rows(prepared.anchor, self.row_size)  # (n_row_tiles * row_size, d)
+        self.data = tuple(_pad_rows(x, self.col_size) for x in prepared.data)  # (n_col_tiles * col_size, d)
+        self.dtype = _score_dtype(prepared.anchor)
+
+    def row_spans(self) -> list[slice]:
+        """Row slices of the tiles, covering range(Nt)."""
+        return [slice(s, min(s + self.row_size, self.n_rows)) for s in range(0, self.n_rows, self.row_size)]
+
+    def col_spans(self) -> list[slice]:
+        """Column slices of the tiles, covering range(Nv)."""
+        return [slice(s, min(s + self.col_size, self.n_cols)) for s in range(0, self.n_cols, self.col_size)]
+
+    def tile(self, rows: slice, cols: slice) -> torch.Tensor:
+        """Scores of anchor[rows] against data[cols]: (len(rows), len(cols))."""
+        padded_rows = slice(rows.start, rows.start + self.row_size)
+        padded_cols = slice(cols.start, cols.start + self.col_size)
+        out = self.fn(self.anchor[padded_rows], *(x[padded_cols] for x in self.data))  # (row_size, col_size)
+        return out[: rows.stop - rows.start, : cols.stop - cols.start]
+
+
+def _tile_side(n: int, chunk_size: int) -> int:
+    """Tile side <= chunk_size that splits n into equal tiles up to < 8 padding rows per tile.
+
+    Multiples of 8 keep the GEMM kernels on their fast paths; n itself when it is below that.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n_tiles = -(-n // chunk_size)
+    side = -(-n // max(n_tiles, 1))
+    rounded = -(-side // 8) * 8
+    return side if rounded > chunk_size or n <= 8 else rounded
+
+
+def _pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Append zero rows to x (N, d) up to a multiple of ``size`` rows."""
+    extra = -x.shape[0] % size
+    return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
+
+
+def _prepare(anchor: torch.Tensor, data: Sequence[torch.Tensor], kind: str | BlockFn) -> _Prepared:
+    """Validate shapes and pick the tile function; cosine inputs are normalised once here."""
+    data = tuple(data)
+    if anchor.dim() != 2 or not data:
+        raise ValueError(f"need anchor (N, d) and at least one data tensor, got anchor {tuple(anchor.shape)} "
+                         f"and {len(data)} data tensors")
+    for m, x in enumerate(data):
+        if x.dim() != 2 or x.shape[1] != anchor.shape[1] or x.shape[0] != data[0].shape[0]:
+            raise ValueError(f"data[{m}] has shape {tuple(x.shape)}; every data tensor must be "
+                             f"({data[0].shape[0]}, {anchor.shape[1]}) with row j = sample j")
+    if callable(kind):
+        return _Prepared(anchor, data, kind)
+    if kind == "volume":
+        return _Prepared(anchor, data, _negative_volume)
+    if kind == "cosine":
+        if len(data) != 1:
+            raise ValueError(f"kind='cosine' scores one data modality, got {len(data)}; use kind='volume'")
+        return _Prepared(F.normalize(anchor, dim=-1), (F.normalize(data[0], dim=-1),), _dot)
+    raise ValueError(f"unknown score kind {kind!r}; expected one of {KINDS} or a callable")
+
+
+def score_blocks(
+    anchor: torch.Tensor,
+    data: Sequence[torch.Tensor],
+    kind: str | BlockFn = "volume",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """Yield ``(rows, cols, tile)`` with tile = scores[rows, cols] of shape (len(rows), len(cols)).
+
+    Args:
+        anchor: (Nt, d) text features.
+        data: k-1 tensors (Nv, d); row j of each belongs to candidate j.
+        kind: "volume", "cosine" or a tile callable (see the module docstring).
+        chunk_size: tile side; peak memory is O(chunk_size**2 + chunk_size * d) per tile.
+    """
+    tiler = _Tiler(_prepare(anchor, data, kind), chunk_size)
+    with torch.no_grad():
+        for rows in tiler.row_spans():
+            for cols in tiler.col_spans():
+                yield rows, cols, tiler.tile(rows, cols)
+
+
+def similarity_matrix(
+    anchor: torch.Tensor,
+    data: Sequence[torch.Tensor],
+    kind: str | BlockFn = "volume",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Full (Nt, Nv) score matrix (higher = better), assembled tile by tile.
+
+    Only the output is O(Nt * Nv); intermediate memory is that of one tile. For volume scores this is
+    -Vol, so it can be passed straight to ``retrieval_metrics`` and ``rerank_topk``.
+    """
+    out = torch.empty(anchor.shape[0], data[0].shape[0], dtype=_score_dtype(anchor))  # (Nt, Nv)
+    for rows, cols, tile in score_blocks(anchor, data, kind, chunk_size):
+        out[rows, cols] = tile
+    return out
+
+
+def _score_dtype(anchor: torch.Tensor) -> torch.dtype:
+    """Float dtype of the scores: the features' dtype, float32 for integer features."""
+    return anchor.dtype if anchor.is_floating_point() else torch.float32
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Correct (text, candidate) pairs with texts renumbered in processing order."""
+
+    rows: torch.Tensor  # (P,) text index in processing order
+    cols: torch.Tensor  # (P,) candidate index
+    order: torch.Tensor  # (Nt,) original text index of processing position p
+
+
+def _target_pairs(text_to_video: Targets, n_text: int, n_video: int) -> _Pairs:
+    """Flatten the targets into pairs; texts are reordered by their first candidate.
+
+    The reordering puts the correct pairs near the tile diagonal, so the first pass (which visits only
+    tiles holding a correct pair) touches about 2 * N / chunk_size tiles instead of all of them.
+    """
+    lists = target_lists(text_to_video, n_text, n_video)
+    order = torch.tensor([min(lst) for lst in lists], dtype=torch.long).argsort(stable=True)  # (Nt,)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n_text)
+    rows = torch.tensor([i for i, lst in enumerate(lists) for _ in set(lst)], dtype=torch.long)
+    cols = torch.tensor([c for lst in lists for c in set(lst)], dtype=torch.long)
+    missing = torch.ones(n_video, dtype=torch.bool).index_fill_(0, cols, False).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(f"candidate {int(missing[0])} is no text's target ({missing.numel()} such), so it "
+                         "has no correct text for video-to-text ranking; drop it or add its captions")
+    return _Pairs(position[rows], cols, order)
+
+
+def _pairs_by_tile(pairs: _Pairs, tiler: _Tiler) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Tile (row block, col block) -> local (row, col) offsets of the correct pairs inside it."""
+    row_block, col_block = pairs.rows // tiler.row_size, pairs.cols // tiler.col_size  # (P,) each
+    out = {}
+    for key in torch.stack([row_block, col_block], dim=1).unique(dim=0).tolist():  # (n_tiles, 2)
+        sel = (row_block == key[0]) & (col_block == key[1])  # (P,)
+        out[tuple(key)] = (pairs.rows[sel] - key[0] * tiler.row_size, pairs.cols[sel] - key[1] * tiler.col_size)
+    return out
+
+
+def _best_target_scores(tiler: _Tiler, by_tile: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: highest correct-pair score per text (Nt,) and per candidate (Nv,), from tiles only."""
+    best_t = torch.full((tiler.n_rows,), float("-inf"), dtype=torch.float64)
+    best_v = torch.full((tiler.n_cols,), float("-inf"), dtype=torch.float64)
+    spans_t, spans_v = tiler.row_spans(), tiler.col_spans()
+    for (bi, bj), (lr, lc) in by_tile.items():
+        tile = tiler.tile(spans_t[bi], spans_v[bj])  # (br, bc), same slices as pass 2
+        vals = tile[lr, lc].double()  # (p,) the correct pairs of this tile
+        _check_finite(vals)
+        best_t.scatter_reduce_(0, lr + spans_t[bi].start, vals, reduce="amax")
+        best_v.scatter_reduce_(0, lc + spans_v[bj].start, vals, reduce="amax")
+    return best_t, best_v
+
+
+def _check_finite(values: torch.Tensor) -> None:
+    """NaN scores cannot be ranked; fail instead of letting comparisons silently rank them first."""
+    if torch.isnan(values).any():
+        raise ValueError("score function returned NaN; check the features (zero vectors?) and the volume fn")
+
+
+def _count_pass(tiler: _Tiler, by_tile: dict, best_t, best_v) -> tuple[torch.Tensor, ...]:
+    """Pass 2: per text and per candidate, count non-target scores >= the best correct score.
+
+    Tiles are recomputed with the same slices as pass 1, so a correct pair's score is bit-identical in
+    both passes and the pessimistic tie rule is exact.
+    """
+    count_t = torch.zeros(tiler.n_rows, dtype=torch.long)
+    count_v = torch.zeros(tiler.n_cols, dtype=torch.long)
+    for bi, rows in enumerate(tiler.row_spans()):
+        thr_t = best_t[rows].to(tiler.dtype).unsqueeze(1)  # (br, 1)
+        for bj, cols in enumerate(tiler.col_spans()):
+            tile = tiler.tile(rows, cols)  # (br, bc)
+            _check_finite(tile)
+            ge_t = tile >= thr_t  # (br, bc)
+            ge_v = tile >= best_v[cols].to(tile.dtype).unsqueeze(0)  # (br, bc)
+            if (bi, bj) in by_tile:
+                lr, lc = by_tile[(bi, bj)]
+                ge_t[lr, lc] = False  # a correct pair never counts against its own text
+                ge_v[lr, lc] = False
+            count_t[rows] += ge_t.sum(dim=1)
+            count_v[cols] += ge_v.sum(dim=0)
+    return count_t, count_v
+
+
+def retrieval_ranks_from_embeddings(
+    text: torch.Tensor,
+    data: Sequence[torch.Tensor],
+    text_to_video: Targets,
+    kind: str | BlockFn = "volume",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based pessimistic ranks in both directions without materialising the score matrix.
+
+    Pass 1 scores only the tiles holding a correct pair and keeps each text's and each candidate's
+    best correct score; pass 2 scores every tile and counts, per text (row) and per candidate (column),
+    the non-target scores that are >= that best score. Memory: O(chunk_size**2 + (Nt + Nv)).
+
+    Args:
+        text: (Nt, d) text features (the anchor).
+        data: k-1 tensors (Nv, d), row j = candidate j (e.g. [video, audio] for T-VA).
+        text_to_video: per text, the index or list of indices of its correct candidates. Several texts
+            may share a candidate (multi-caption); candidate j's correct texts are all texts naming it.
+        kind, chunk_size: as in ``score_blocks``.
+    Returns:
+        (t2v (Nt,), v2t (Nv,)) long ranks in the original text/candidate order.
+    """
+    prepared = _prepare(text, data, kind)
+    pairs = _target_pairs(text_to_video, text.shape[0], prepared.data[0].shape[0])
+    tiler = _Tiler(_Prepared(prepared.anchor[pairs.order], prepared.data, prepared.fn), chunk_size)
+    by_tile = _pairs_by_tile(pairs, tiler)
+    with torch.no_grad():
+        best_t, best_v = _best_target_scores(tiler, by_tile)
+        count_t, count_v = _count_pass(tiler, by_tile, best_t, best_v)
+    t2v = torch.empty_like(count_t)
+    t2v[pairs.order] = count_t  # back to the caller's text order
+    return t2v, count_v
+
+
+def retrieval_metrics_from_embeddings(
+    text: torch.Tensor,
+    data: Sequence[torch.Tensor],
+    text_to_video: Targets,
+    kind: str | BlockFn = "volume",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict:
+    """Text-to-candidate and candidate-to-text metrics, streamed over score tiles.
+
+    Equal to ``retrieval_metrics(similarity_matrix(...), text_to_video)`` for t2v and to the same on the
+    transposed matrix (targets = every text of the candidate) for v2t, but never holds more than a tile.
+
+    Returns:
+        dict with ``t2v_{r1,r5,r10,medr,meanr,n_queries,n_candidates}`` and the same ``v2t_*`` keys.
+    """
+    t2v, v2t = retrieval_ranks_from_embeddings(text, data, text_to_video, kind, chunk_size)
+    out = {f"t2v_{k}": v for k, v in metrics_from_ranks(t2v, v2t.numel()).items()}
+    out.update({f"v2t_{k}": v for k, v in metrics_from_ranks(v2t, t2v.numel()).items()})
+    return out

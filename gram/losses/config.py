@@ -1,0 +1,81 @@
+"""Configuration of the contrastive objective (a Hydra structured-config node)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gram.losses.similarity import list_similarities
+
+__all__ = ["LossConfig"]
+
+_PARAMETRIZATIONS = ("log", "raw")
+
+
+@dataclass
+class LossConfig:
+    """Options of the GRAM contrastive loss and its baselines.
+
+    Attributes:
+        name: similarity, one of ``list_similarities()``: volume (GRAM) | cosine | symile | triangle.
+        temperature_init: initial temperature tau (logits are scores / tau).
+        temperature_parametrization: "log" (default) learns log(tau) and clamps tau to
+            [temperature_min, temperature_max]. tau stays positive whatever the optimiser does, steps are
+            relative (a step changes tau by a factor, not by an absolute amount that is huge when tau is
+            small), and the clamp stops the logits from blowing up (as CLIP's logit-scale cap does).
+            "raw" is the reference: tau is a plain learnable divisor with no constraint, which can
+            cross zero and flip the sign of the loss.
+        temperature_min, temperature_max: clamp range of the "log" parametrisation (ignored for "raw").
+        learnable_temperature: False keeps tau fixed at ``temperature_init``.
+        label_smoothing: label smoothing of both cross-entropies (reference: 0.1).
+        gather_with_grad: False (reference) detaches the negatives gathered from the other ranks (and,
+            in each direction, the other side of the pair even on one rank); True back-propagates
+            through the all-gather into every embedding.
+        dam_weight: weight of the Data-Anchor Matching loss (reference 0.1); 0 disables DAM.
+        chunk_size: > 0 computes the similarity in chunks of that many global-batch rows and
+            recomputes each chunk in the backward pass, so memory stays O(B_local x B_global);
+            0 computes the whole batch at once (fastest).
+    """
+
+    name: str = "volume"
+    temperature_init: float = 0.07
+    temperature_parametrization: str = "log"
+    temperature_min: float = 0.01
+    temperature_max: float = 1.0
+    learnable_temperature: bool = True
+    label_smoothing: float = 0.1
+    gather_with_grad: bool = False
+    dam_weight: float = 0.1
+    chunk_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in list_similarities():
+            raise ValueError(f"LossConfig.name={self.name!r} is unknown; choose one of {list_similarities()}")
+        if self.temperature_parametrization not in _PARAMETRIZATIONS:
+            raise ValueError(
+                f"LossConfig.temperature_parametrization={self.temperature_parametrization!r}; "
+                f"choose one of {list(_PARAMETRIZATIONS)}"
+            )
+        if not self.temperature_init > 0:
+            raise ValueError(f"LossConfig.temperature_init={self.temperature_init} must be > 0")
+        self._check_temperature_range()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"LossConfig.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.dam_weight < 0:
+            raise ValueError(f"LossConfig.dam_weight={self.dam_weight} must be >= 0 (0 disables DAM)")
+        if self.chunk_size < 0:
+            raise ValueError(f"LossConfig.chunk_size={self.chunk_size} must be >= 0 (0 = no chunking)")
+
+    def _check_temperature_range(self) -> None:
+        """The log parametrisation needs 0 < temperature_min <= temperature_init <= temperature_max."""
+        if self.temperature_parametrization != "log":
+            return
+        if not 0 < self.temperature_min <= self.temperature_max:
+            raise ValueError(
+                f"LossConfig.temperature_min={self.temperature_min} and temperature_max="
+                f"{self.temperature_max} must satisfy 0 < temperature_min <= temperature_max"
+            )
+        if not self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ValueError(
+                f"LossConfig.temperature_init={self.temperature_init} must lie in "
+                f"[temperature_min, temperature_max] = [{self.temperature_min}, {self.temperature_max}]"
+            )

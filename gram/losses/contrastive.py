@@ -1,0 +1,164 @@
+"""Two-way contrastive loss over an anchor-vs-(k-1)-data similarity, with negatives from all ranks.
+
+With local anchors a_i and data tuples x_i (i over this rank's B rows), gathered A, X (all B_global rows)
+and this rank's first global row ``offset``:
+
+    M1[i, j] = s(a_i, X_j) / tau        (anchor -> data; B x B_global)
+    M2[i, j] = s(A_j, x_i) / tau        (data -> anchor; B x B_global)
+    L = 1/2 [CE(M1, y) + CE(M2, y)],   y_i = offset + i,   label smoothing 0.1 by default
+
+where s is the configured similarity (GRAM: s = -volume). For similarities with several score matrices
+(pairwise cosine) the two-way terms are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gram.distributed import all_gather, gather_sizes, get_world_size, rank_offset
+from gram.losses.config import LossConfig
+from gram.losses.similarity import SimilarityFn, get_similarity
+
+__all__ = ["ContrastiveLoss", "build_loss"]
+
+
+def _select(
+    embeddings: Mapping[str, torch.Tensor], data_modalities: Sequence[str], anchor: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The anchor (B, d) and data [(B, d)] embeddings; raises on missing keys or mismatched shapes."""
+    if isinstance(data_modalities, str) or len(data_modalities) == 0:
+        raise ValueError(f"data_modalities must be a non-empty sequence of names, got {data_modalities!r}")
+    names = [anchor, *data_modalities]
+    missing = [n for n in names if n not in embeddings]
+    if missing:
+        raise KeyError(f"embeddings lack modalities {missing}; available: {sorted(embeddings)}")
+    if anchor in data_modalities:
+        raise ValueError(f"anchor {anchor!r} must not also be a data modality ({list(data_modalities)})")
+    shapes = {n: tuple(embeddings[n].shape) for n in names}
+    if len(set(shapes.values())) != 1 or len(shapes[anchor]) != 2:
+        raise ValueError(f"every embedding must be (B, d) with the same B and d, got {shapes}")
+    return embeddings[anchor], [embeddings[n] for n in data_modalities]
+
+
+class ContrastiveLoss(nn.Module):
+    """The GRAM contrastive objective (and its baselines); owns the learnable temperature.
+
+    Args:
+        cfg: the loss options.
+        similarity: overrides the registered similarity ``cfg.name`` (any function with the
+            ``gram.losses.similarity`` signature, e.g. for benchmarking another formulation).
+    """
+
+    def __init__(self, cfg: LossConfig, similarity: SimilarityFn | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.similarity = similarity if similarity is not None else get_similarity(cfg.name)
+        log_param = cfg.temperature_parametrization == "log"
+        init = torch.tensor(math.log(cfg.temperature_init) if log_param else cfg.temperature_init)
+        if cfg.learnable_temperature:
+            self.temperature_param = nn.Parameter(init)
+        else:
+            self.register_buffer("temperature_param", init)
+
+    def temperature(self) -> torch.Tensor:
+        """Current tau as a differentiable scalar tensor.
+
+        For the log parametrisation the parameter is also clamped in place while training (as CLIP
+        clamps its logit scale after each step), so it cannot drift beyond the range where the clamp
+        would silence its gradient.
+        """
+        if self.cfg.temperature_parametrization == "raw":
+            return self.temperature_param
+        low, high = math.log(self.cfg.temperature_min), math.log(self.cfg.temperature_max)
+        if self.training and self.temperature_param.requires_grad:
+            with torch.no_grad():
+                self.temperature_param.clamp_(low, high)
+        return self.temperature_param.clamp(low, high).exp()
+
+    def _chunk_scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Similarity of one chunk (T, n1, n2), recomputed in backward when it needs gradients."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, *data)):
+            return checkpoint(lambda a, *xs: self.similarity(a, xs), anchor, *data, use_reentrant=False)
+        return self.similarity(anchor, data)
+
+    def scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor], chunk_anchor: bool) -> torch.Tensor:
+        """Similarity (T, N1, N2), chunked along the anchor (N1) or data (N2) rows if ``cfg.chunk_size``."""
+        size = self.cfg.chunk_size
+        rows = anchor.shape[0] if chunk_anchor else data[0].shape[0]
+        if size == 0 or rows <= size:
+            return self.similarity(anchor, data)
+        parts = []
+        for start in range(0, rows, size):
+            if chunk_anchor:
+                parts.append(self._chunk_scores(anchor[start : start + size], data))
+            else:
+                parts.append(self._chunk_scores(anchor, [x[start : start + size] for x in data]))
+        return torch.cat(parts, dim=1 if chunk_anchor else 2)  # (T, N1, N2)
+
+    def _score_pair(
+        self, anchor: torch.Tensor, data: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (T, B, B_global) of local anchors vs all data and of local data vs all anchors."""
+        with_grad = self.cfg.gather_with_grad
+        anchor_all = all_gather(anchor, with_grad)  # (B_global, d)
+        data_all = [all_gather(x, with_grad) for x in data]  # [(B_global, d)]
+        a2d = self.scores(anchor, data_all, chunk_anchor=False)  # (T, B, B_global)
+        if with_grad and get_world_size() == 1:
+            # One rank with full gradients: both directions are the same function of the same tensors.
+            return a2d, a2d.transpose(1, 2)
+        d2a = self.scores(anchor_all, data, chunk_anchor=True)  # (T, B_global, B)
+        return a2d, d2a.transpose(1, 2)  # (T, B, B_global) each
+
+    def _two_way_ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum over the T score matrices of the label-smoothed CE of logits (T, B, N) vs targets (B,)."""
+        smoothing = self.cfg.label_smoothing
+        return sum(F.cross_entropy(term, targets, label_smoothing=smoothing) for term in logits)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, torch.Tensor],
+        data_modalities: Sequence[str],
+        anchor: str = "text",
+    ) -> dict[str, torch.Tensor]:
+        """Loss of this rank's samples against the global batch.
+
+        Args:
+            embeddings: LOCAL L2-normalised embeddings per modality, each (B, d).
+            data_modalities: the k-1 non-anchor modalities, in order (e.g. ["vision", "audio"]).
+            anchor: the anchor modality (the reference uses text).
+
+        Returns:
+            "loss" (scalar), "loss_anchor_to_data" and "loss_data_to_anchor" (their mean is the loss;
+            detached, for logging), "logits_anchor_to_data" and "logits_data_to_anchor" (B, B_global)
+            detached, higher = more similar (for GRAM -volume / tau; summed over the terms of
+            multi-term similarities), "temperature" (detached scalar) and "targets" (B,) the global
+            column of each row's positive.
+        """
+        anchor_local, data_local = _select(embeddings, data_modalities, anchor)
+        batch = anchor_local.shape[0]
+        offset = rank_offset(gather_sizes(batch, anchor_local.device))
+        targets = torch.arange(offset, offset + batch, device=anchor_local.device)  # (B,)
+        a2d, d2a = self._score_pair(anchor_local, data_local)  # (T, B, B_global) each
+        tau = self.temperature()
+        loss_a2d = self._two_way_ce(a2d / tau, targets)
+        loss_d2a = self._two_way_ce(d2a / tau, targets)
+        return {
+            "loss": 0.5 * (loss_a2d + loss_d2a),
+            "loss_anchor_to_data": loss_a2d.detach(),
+            "loss_data_to_anchor": loss_d2a.detach(),
+            "logits_anchor_to_data": (a2d.sum(0) / tau).detach(),
+            "logits_data_to_anchor": (d2a.sum(0) / tau).detach(),
+            "temperature": tau.detach(),
+            "targets": targets,
+        }
+
+
+def build_loss(cfg: LossConfig) -> ContrastiveLoss:
+    """The contrastive loss module described by ``cfg`` (it owns the temperature parameter)."""
+    return ContrastiveLoss(cfg)

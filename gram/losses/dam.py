@@ -1,0 +1,127 @@
+"""DAM (Data-Anchor Matching): a binary matching loss on volume-softmax hard negatives.
+
+For each local anchor (text) one negative data item is drawn from the global batch with probability
+proportional to softmax(anchor->data logits) + eps, and for each local data item one negative text from
+softmax(data->anchor logits) + eps, never the positive (reference §2.8; the reference's logits are
+-volume / tau, so harder negatives are the ones with smaller volume). The 3B pairs
+
+    (text_i, data_i) -> 1,   (text_i, data_neg(i)) -> 0,   (text_neg(i), data_i) -> 0
+
+are scored by a matching callable (e.g. BERT cross-attention over the data tokens plus a 2-way head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gram.distributed import all_gather, gather_sizes, rank_offset
+
+__all__ = ["MatchFn", "dam_loss", "negative_sampling_probs", "sample_hard_negatives"]
+
+MatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_DEFAULT_EPS = 1e-4  # added to the softmax as in the reference, so every negative stays reachable
+
+
+def negative_sampling_probs(logits: torch.Tensor, offset: int, eps: float = _DEFAULT_EPS) -> torch.Tensor:
+    """Unnormalised sampling weights (B, N): softmax(logits) + eps, with each row's positive set to 0.
+
+    Args:
+        logits: (B, N) scores of B local rows against the N-row global batch (higher = more similar).
+        offset: global column of local row 0's positive; row i's positive is column offset + i.
+    """
+    batch, total = logits.shape
+    if total < 2 or offset < 0 or offset + batch > total:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} with offset {offset}: need a global batch of >= 2 "
+            "rows that contains every local positive (offset + B <= N)"
+        )
+    with torch.no_grad():
+        probs = torch.softmax(logits.float(), dim=1) + eps  # (B, N)
+        rows = torch.arange(batch, device=logits.device)
+        probs[rows, rows + offset] = 0.0
+    return probs
+
+
+def sample_hard_negatives(
+    logits_anchor_to_data: torch.Tensor,
+    logits_data_to_anchor: torch.Tensor,
+    offset: int,
+    generator: torch.Generator | None = None,
+    eps: float = _DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per local row in each direction, in one vectorised draw per direction.
+
+    Args:
+        logits_anchor_to_data, logits_data_to_anchor: (B, N) detached logits, higher = more similar.
+        offset: global index of this rank's first sample (positives are columns offset + i).
+        generator: optional RNG on the logits' device, for reproducible draws.
+
+    Returns:
+        neg_data_idx (B,): a global data index per local anchor; neg_anchor_idx (B,): a global
+        anchor index per local data item. Never the positive.
+    """
+    negatives = []
+    for logits in (logits_anchor_to_data, logits_data_to_anchor):
+        probs = negative_sampling_probs(logits, offset, eps)  # (B, N)
+        negatives.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))  # (B,)
+    return negatives[0], negatives[1]
+
+
+def _check_dam_inputs(
+    text_ids: torch.Tensor, text_mask: torch.Tensor, condition: torch.Tensor, logits: torch.Tensor
+) -> None:
+    """Raise ValueError unless ids/mask are (B, L), condition is (B, Lc, H) and logits (B, N)."""
+    batch = text_ids.shape[0]
+    if text_ids.ndim != 2 or text_mask.shape != text_ids.shape:
+        raise ValueError(
+            f"text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} must both be (B, L)"
+        )
+    if condition.ndim != 3 or condition.shape[0] != batch or logits.ndim != 2 or logits.shape[0] != batch:
+        raise ValueError(
+            f"condition {tuple(condition.shape)} must be (B, Lc, H) and logits {tuple(logits.shape)} "
+            f"(B, N) with B = {batch}"
+        )
+
+
+def dam_loss(
+    match_fn: MatchFn,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    condition: torch.Tensor,
+    logits_anchor_to_data: torch.Tensor,
+    logits_data_to_anchor: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: float = _DEFAULT_EPS,
+) -> torch.Tensor:
+    """Unweighted DAM cross-entropy on this rank's 3B pairs (the caller multiplies by dam_weight).
+
+    Args:
+        match_fn: ``(ids (3B, L), mask (3B, L), condition (3B, Lc, H)) -> logits (3B, 2)``, class 1 =
+            match.
+        text_ids, text_mask: local (B, L) token ids and attention mask (gathered without gradient;
+            every rank must pad to the same L).
+        condition: local (B, Lc, H) data tokens the text cross-attends to (gathered with gradient).
+        logits_anchor_to_data, logits_data_to_anchor: (B, B_global) from ``ContrastiveLoss``.
+        generator: optional RNG for the negative draws.
+    """
+    _check_dam_inputs(text_ids, text_mask, condition, logits_anchor_to_data)
+    batch = text_ids.shape[0]
+    sizes = gather_sizes(batch, text_ids.device)
+    ids_all = all_gather(text_ids, with_grad=False)  # (B_global, L)
+    mask_all = all_gather(text_mask, with_grad=False)  # (B_global, L)
+    condition_all = all_gather(condition, with_grad=True)  # (B_global, Lc, H)
+    neg_data, neg_text = sample_hard_negatives(
+        logits_anchor_to_data, logits_data_to_anchor, rank_offset(sizes), generator, eps
+    )
+    ids = torch.cat([text_ids, text_ids, ids_all[neg_text]])  # (3B, L)
+    mask = torch.cat([text_mask, text_mask, mask_all[neg_text]])  # (3B, L)
+    cond = torch.cat([condition, condition_all[neg_data], condition])  # (3B, Lc, H)
+    labels = torch.cat([text_ids.new_ones(batch), text_ids.new_zeros(2 * batch)]).long()  # (3B,)
+    logits = match_fn(ids, mask, cond)
+    if logits.shape != (3 * batch, 2):
+        raise ValueError(f"match_fn returned logits of shape {tuple(logits.shape)}, expected ({3 * batch}, 2)")
+    return F.cross_entropy(logits.float(), labels)

@@ -1,0 +1,153 @@
+"""Gramian volumes without Gram tensors or determinants.
+
+The reference builds an (N1, N2, k, k) Gram tensor and calls ``det`` on it. We use the factorisation
+
+    Vol(a, x_1, ..., x_m) = Vol(x_1, ..., x_m) * dist(a, span(x_1, ..., x_m)),      m = k - 1,
+
+(base times height, i.e. the QR / Gram-Schmidt form of sqrt(det G)). The first factor depends only on
+the data sample j, so it is a per-sample Gram-Schmidt of m vectors. The second needs the projections of
+every anchor onto every sample's orthonormal basis, which is m (N1 x d) @ (d x N2) products: the same
+work as m pairwise cosine-score matrices. Memory is O(N1 * N2 * m) instead of O(N1 * N2 * k * k).
+
+Numerics (all computed in float32, or float64 for float64 inputs, with autocast disabled):
+* square roots and normalisations are guarded so values *and* gradients stay finite when vectors
+  coincide, are collinear, or are zero (the reference's ``sqrt(|det|)`` has a NaN gradient there);
+* below the resolution of the projection formula (squared distance <= eps * |a|^2) the height's
+  gradient is set to 0 (a valid subgradient at a degenerate configuration); the value is kept exact;
+* an all-zero row spans nothing, so every volume involving it is exactly 0, with a zero gradient
+  through the zero row's direction. Zero rows are therefore not an error. (L2-normalised embeddings
+  are only zero if the encoder produced an exact zero vector.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["orthonormal_basis", "simplex_volume", "volume"]
+
+
+def _compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64 (e.g. for gradcheck), else float32 (never a half type)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_inputs(anchor: torch.Tensor, data: Sequence[torch.Tensor], min_data: int = 1) -> None:
+    """Raise ValueError unless anchor is (N1, d) and every data tensor is (N2, d) with the same N2, d."""
+    if len(data) < min_data:
+        raise ValueError(f"need at least {min_data} data tensor(s) besides the anchor, got {len(data)}")
+    if anchor.ndim != 2:
+        raise ValueError(f"anchor must be (N1, d), got shape {tuple(anchor.shape)}")
+    first = data[0]
+    for i, x in enumerate(data):
+        if x.ndim != 2 or x.shape != first.shape or x.shape[1] != anchor.shape[1]:
+            raise ValueError(
+                f"data tensor {i} has shape {tuple(x.shape)}; every data tensor must be (N2, d) with the "
+                f"same N2 and d = {anchor.shape[1]} (anchor shape {tuple(anchor.shape)})"
+            )
+
+
+def _safe_sqrt(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """sqrt(max(x, 0)) whose gradient is 0 (not inf/NaN) where x <= threshold.
+
+    The inner ``where`` keeps the unused branch's gradient finite (the "double where" trick); the
+    detached fallback keeps the value exact below the threshold.
+    """
+    above = x > threshold
+    exact = x.clamp_min(0).sqrt().detach()
+    return torch.where(above, torch.where(above, x, torch.ones_like(x)).sqrt(), exact)
+
+
+def orthonormal_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Gram-Schmidt of x (N, m, d) -> (basis (N, m, d), volume (N,)).
+
+    ``basis[:, p]`` is the unit component of ``x[:, p]`` orthogonal to ``x[:, :p]`` (zero, with a
+    finite gradient, when that component vanishes) and ``volume = prod_p |component_p|`` is the
+    m-dimensional volume of the sample's m vectors. Each projection is applied twice ("twice is
+    enough" re-orthogonalisation), which keeps near-collinear inputs accurate at negligible cost.
+    """
+    if x.shape[1] == 0:
+        return x, x.new_ones(x.shape[0])
+    eps = torch.finfo(x.dtype).eps
+    basis: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    for p in range(x.shape[1]):
+        residual = x[:, p]  # (N, d)
+        for _ in range(2):
+            for q in basis:
+                residual = residual - (residual * q).sum(-1, keepdim=True) * q  # (N, d)
+        norm = _safe_sqrt(residual.square().sum(-1), 0.0)  # (N,)
+        basis.append(residual / norm.clamp_min(eps).unsqueeze(-1))  # (N, d)
+        norms.append(norm)
+    return torch.stack(basis, dim=1), torch.stack(norms, dim=-1).prod(-1)
+
+
+def _height(anchor: torch.Tensor, basis: torch.Tensor, origin: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance of every anchor row from every sample's (affine) span -> (N1, N2).
+
+    anchor (N1, d); basis (N2, m, d) orthonormal per sample (m may be 0); origin (N2, d) or None.
+    With an origin o_j the distance is that of a_i - o_j from span(basis_j):
+        |a - o|^2 - sum_p ((a - o) . q_p)^2 = |a|^2 - 2 a.o + |o|^2 - sum_p (a.q_p - o.q_p)^2.
+    All anchor-dependent dot products come from a single GEMM.
+    """
+    n1, d = anchor.shape
+    n2, m, _ = basis.shape
+    anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
+    dist_sq = anchor_sq.expand(n1, n2)
+    if m > 0:
+        # Stack as (m, N2, d) so the reduction over m runs over an outer, not the innermost, axis.
+        flat = basis.transpose(0, 1).reshape(m * n2, d)  # (m*N2, d)
+        proj = (anchor @ flat.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
+        if origin is not None:
+            proj = proj - (basis * origin.unsqueeze(1)).sum(-1).T.unsqueeze(0)  # (N1, m, N2) - (1, m, N2)
+        dist_sq = dist_sq - proj.square().sum(1)  # (N1, N2)
+    if origin is not None:
+        cross = anchor @ origin.T  # (N1, d) @ (d, N2) -> (N1, N2)
+        dist_sq = dist_sq - 2 * cross + origin.square().sum(-1).unsqueeze(0)  # (N1, N2)
+    # Below eps * |a|^2 the cancellation noise dominates, so only the gradient is cut there.
+    threshold = torch.finfo(anchor.dtype).eps * anchor_sq.clamp_min(torch.finfo(anchor.dtype).tiny)
+    return _safe_sqrt(dist_sq, threshold)
+
+
+def volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
+    """k-volume of the parallelotope spanned by anchor[i] and data_1[j], ..., data_{k-1}[j].
+
+    Args:
+        anchor: (N1, d).
+        *data: k - 1 >= 1 tensors of shape (N2, d); row j of every data tensor belongs to sample j.
+
+    Returns:
+        (N1, N2) volumes sqrt(|det G|) of the k x k Gram matrices, in float32 (float64 for float64
+        inputs), also under autocast. Equal to the reference's determinant formulation; see the module
+        docstring for the degenerate-input behaviour (finite values and gradients; zero rows give 0).
+    """
+    _check_inputs(anchor, data)
+    dtype = _compute_dtype([anchor, *data])
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a = anchor.to(dtype)
+        x = torch.stack([t.to(dtype) for t in data], dim=1)  # (N2, m, d)
+        basis, data_volume = orthonormal_basis(x)  # (N2, m, d), (N2,)
+        return _height(a, basis) * data_volume.unsqueeze(0)  # (N1, N2)
+
+
+def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
+    """Volume of the simplex with vertices anchor[i], data_1[j], ..., data_m[j] -> (N1, N2).
+
+    For m = 2 (three modalities) this is the TRIANGLE area (Cicchetti et al. 2025),
+    1/2 * |x_2 - x_1| * dist(a, line through x_1 and x_2). Like ``volume`` it is computed as the
+    (m-1)-volume of the per-sample edges x_p - x_1 times the distance of a - x_1 from their span,
+    divided by m!, so it costs m GEMMs. For m = 1 it is the Euclidean distance |a - x_1|.
+    """
+    _check_inputs(anchor, data)
+    dtype = _compute_dtype([anchor, *data])
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a = anchor.to(dtype)
+        base = data[0].to(dtype)  # (N2, d)
+        edges = base.new_zeros(base.shape[0], 0, base.shape[1])  # (N2, 0, d) for m = 1
+        if len(data) > 1:
+            edges = torch.stack([t.to(dtype) - base for t in data[1:]], dim=1)  # (N2, m-1, d)
+        basis, base_volume = orthonormal_basis(edges)  # (N2, m-1, d), (N2,)
+        height = _height(a, basis, origin=base)  # (N1, N2)
+        return height * base_volume.unsqueeze(0) / math.factorial(len(data))  # (N1, N2)

@@ -1,0 +1,43 @@
+"""Process-group lifecycle for torchrun launches (env:// rendezvous): gloo on CPU, NCCL on GPU."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger(__name__)
+
+
+def init_from_env(timeout_minutes: int = 30) -> None:
+    """Join the process group torchrun describes in the environment; a plain `python` launch stays single-process."""
+    if torch_dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    use_nccl = torch.cuda.is_available() and os.environ.get("GRAM_DIST_BACKEND", "") != "gloo"
+    if use_nccl:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch_dist.init_process_group("nccl" if use_nccl else "gloo",
+                                  timeout=datetime.timedelta(minutes=timeout_minutes))
+    if torch_dist.get_rank() != 0:  # one voice on the console: other ranks log warnings only
+        logging.getLogger().setLevel(logging.WARNING)
+    log.info("process group: %d ranks, backend %s", torch_dist.get_world_size(), torch_dist.get_backend())
+
+
+def destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over ranks (in place); identity in a single process."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MIN)
+    return x

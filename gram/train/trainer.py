@@ -1,0 +1,231 @@
+"""The training loop: a short sequence of named steps (train_step, evaluate, save) over one built run.
+
+The trainer knows nothing about modalities: it moves batches, calls the task, steps the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from gram import distributed as dist
+from gram.config import GramConfig
+from gram.eval.retrieval import move_to
+from gram.train import checkpoint as ckpt
+from gram.train.launch import all_reduce_min
+from gram.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TooManyFailedSamplesError(RuntimeError):
+    pass
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StopRequest:
+    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: GramConfig, task: nn.Module, stream, device: torch.device, config_dict: dict,
+                 output_dir: str, evaluate: Optional[Callable[[], dict[str, Any]]] = None, logger=None):
+        self.cfg, self.tcfg, self.device = cfg, cfg.trainer, device
+        self.task, self.stream, self.evaluate_fn = task.to(device), stream, evaluate
+        self.config_dict, self.output_dir, self.logger = config_dict, output_dir, logger
+        self.optimizer = build_optimizer(task, self.tcfg)
+        self.scheduler = build_scheduler(self.optimizer, self.tcfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.tcfg.precision == "fp16")
+        self.wrapped = self._wrap(task)
+        self.step, self.bad_steps, self.best = 0, 0, -math.inf
+        self.samples_seen, self.samples_failed, self.failed_paths = 0, 0, set()
+
+    def _wrap(self, task: nn.Module) -> nn.Module:
+        if dist.get_world_size() == 1:
+            return task
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=False)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "data": self.stream.state(), "best": self.best,
+                "samples_seen": self.samples_seen, "samples_failed": self.samples_failed,
+                "world_size": dist.get_world_size()}
+
+    def resume(self) -> bool:
+        found = ckpt.list_checkpoints(self.output_dir)
+        if not found:
+            log.info("trainer.resume=true but %s has no checkpoint: starting from scratch", self.output_dir)
+            return False
+        folder = ckpt.load_weights(self.task, found[-1])
+        state, rng = ckpt.load_train_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state(state["data"])
+        self.step, self.best = state["step"], state["best"]
+        self.samples_seen, self.samples_failed = state["samples_seen"], state["samples_failed"]
+        if rng is not None and state["world_size"] == dist.get_world_size():
+            ckpt.set_rng_state(rng)
+        else:
+            log.warning("world size changed since the checkpoint: RNG streams restart (the run is not bitwise exact)")
+        log.info("resumed from %s at step %d", folder, self.step)
+        return True
+
+    def save(self, best: bool = False) -> None:
+        ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
+                             keep_last=self.tcfg.keep_last, best=best)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _micro_batches(self) -> list[dict[str, Any]]:
+        batches = []
+        while len(batches) < self.tcfg.grad_accum_steps:
+            batch = next(self.stream)
+            self._count_failures(batch)
+            if batch["ids"]:
+                batches.append(batch)
+        return batches
+
+    def _count_failures(self, batch: dict[str, Any]) -> None:
+        self.samples_seen += len(batch["ids"]) + len(batch["skipped"])
+        self.samples_failed += len(batch["skipped"])
+        for path in batch["skipped"]:
+            if path not in self.failed_paths:  # each broken file is logged once
+                self.failed_paths.add(path)
+                log.warning("skipping a training sample that failed to load: %s", path)
+        limit = self.cfg.data.max_failed_fraction
+        if self.samples_seen >= 100 and self.samples_failed > limit * self.samples_seen:
+            raise TooManyFailedSamplesError(
+                f"{self.samples_failed} of {self.samples_seen} training samples failed to load (more than "
+                f"data.max_failed_fraction={limit}); run scripts/check_dataset.py on the dataset")
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only)."""
+        batches, totals = self._micro_batches(), {}
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
+                with autocast_context(self.tcfg.precision, self.device):
+                    losses = self.wrapped(move_to(batch, self.device))
+                self.scaler.scale(losses["loss"] / len(batches)).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / len(batches)
+        finite = self._all_finite(totals["loss"])
+        if finite:
+            self._optimizer_step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._track_bad_steps(finite)
+        self.scheduler.step()
+        self.step += 1
+        return {k: float(v) for k, v in totals.items()} | {"lr": self.scheduler.get_last_lr()[-1],
+                                                           "batch": sum(len(b["ids"]) for b in batches)}
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(loss))], device=self.device)
+        return bool(all_reduce_min(flag).item() > 0)
+
+    def _optimizer_step(self) -> None:
+        if self.tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.tcfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _track_bad_steps(self, finite: bool) -> None:
+        if finite:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        log.warning("step %d: non-finite loss, the update is skipped (%d in a row)", self.step, self.bad_steps)
+        if self.bad_steps >= self.tcfg.max_bad_steps:
+            raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, the last at step {self.step}; "
+                                     f"lower trainer.lr, use trainer.precision=fp32 or bf16, or set trainer.grad_clip")
+
+    def maybe_evaluate(self, final: bool) -> Optional[dict[str, Any]]:
+        every = self.tcfg.eval_every
+        if self.evaluate_fn is None or not (final or (every and self.step % every == 0)):
+            return None
+        result = self.evaluate_fn()
+        metric = result.get(self.tcfg.best_metric)
+        improved = metric is not None and metric > self.best
+        if improved:
+            self.best = metric
+        if self.logger:
+            self.logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, self.step)
+        result["_improved"] = improved
+        return result
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> Optional[dict[str, Any]]:
+        """Train to `max_steps` (or `stop_after_steps`, or a stop signal), evaluating and saving as configured."""
+        from tqdm.auto import tqdm
+
+        stop_at = min(self.tcfg.max_steps, self.tcfg.stop_after_steps or self.tcfg.max_steps)
+        bar = tqdm(total=stop_at, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.cfg.logger.progress_bar and dist.is_main_process()))
+        self.task.train()
+        result, last_time = None, time.perf_counter()
+        with StopRequest() as stop:
+            while self.step < stop_at and not stop.requested:
+                metrics = self.train_step()
+                now = time.perf_counter()
+                metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
+                last_time = now
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                                sps=f"{metrics['samples_per_s']:.0f}")
+                self._log(metrics)
+                result = self.maybe_evaluate(final=False)
+                if result is not None or (self.tcfg.save_every and self.step % self.tcfg.save_every == 0):
+                    self.save(best=bool(result and result["_improved"]))
+        bar.close()
+        finished = self.step >= self.tcfg.max_steps
+        result = self.maybe_evaluate(final=True) if finished else None
+        self.save(best=bool(result and result["_improved"]))
+        return result
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.step % self.tcfg.log_every and self.step != 1:
+            return
+        parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        log.info("step %d/%d %s", self.step, self.tcfg.max_steps, parts)
+        if self.logger:
+            self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)

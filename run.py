@@ -1,0 +1,23 @@
+"""Train and evaluate GRAM: `python run.py [overrides]`, `python run.py mode=test checkpoint=PATH`.
+
+Launch on several processes with `torchrun --nproc_per_node N run.py ...`.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from gram.cli import prepare_argv, run_with_clear_errors
+from gram.config import register_configs
+from gram.main import run
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_with_clear_errors(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    prepare_argv()
+    main()

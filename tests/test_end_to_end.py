@@ -1,0 +1,83 @@
+"""The whole pipeline at a small size: generate -> train -> evaluate -> checkpoint -> test mode, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gram.main import run
+from gram.train.checkpoint import list_checkpoints
+from tests.conftest import ROOT, compose_config, sample_overrides
+
+METRICS = [f"{d}_{k}" for d in ("t2v", "v2t") for k in ("r1", "r5", "r10", "medr", "meanr")]
+
+
+@pytest.fixture(scope="module")
+def trained(sample_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=12", "trainer.log_every=4"),
+                                output_dir=out))
+    return out, result
+
+
+def test_training_writes_results_and_checkpoint(trained):
+    out, result = trained
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    entry = saved["sample"]
+    assert set(METRICS) <= set(entry)
+    assert entry["n_queries"] == entry["n_candidates"] == 24 == entry["n_videos"]
+    assert 0 <= entry["t2v_r1"] <= entry["t2v_r5"] <= entry["t2v_r10"] <= 100
+    assert 1 <= entry["t2v_medr"] <= 24
+    assert {"volume", "cosine_video", "cosine_audio"} == set(entry["scorings"])
+    folder = list_checkpoints(out)[-1]
+    assert folder.name == "step_00000012"
+    assert {"model.safetensors", "config.json", "train_state.pt", "rng_rank0.pt"} <= {p.name for p in folder.iterdir()}
+
+
+def test_test_mode_reproduces_the_training_metrics(trained, sample_root, tmp_path):
+    out, result = trained
+    again = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={out}"),
+                               output_dir=tmp_path / "eval"))
+    for key in METRICS:
+        assert again["sample"][key] == result["sample"][key], key
+    assert again["sample"]["checkpoint_sha256"] == result["sample"]["checkpoint_sha256"]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["sample"]["t2v_r1"] == result["sample"]["t2v_r1"]
+
+
+def _cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_unknown_key_names_the_key(tmp_path):
+    proc = _cli("trainer.max_stepz=3", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "trainer.max_stepz" in proc.stderr
+
+
+def test_cli_missing_checkpoint_is_one_clear_error(tmp_path, sample_root):
+    missing = tmp_path / "nope"
+    proc = _cli("mode=test", f"checkpoint={missing}", *sample_overrides(sample_root), f"output_dir={tmp_path}/o")
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_data_folder_is_one_clear_error(tmp_path):
+    proc = _cli("data.generate_sample=false", f"data.sample_dir={tmp_path}/absent", "logger.wandb.mode=disabled",
+                f"output_dir={tmp_path}/o")
+    assert proc.returncode == 1
+    assert f"{tmp_path}/absent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_trains_and_logs_to_a_file(tmp_path, sample_root):
+    out = tmp_path / "cli"
+    proc = _cli(*sample_overrides(sample_root, "trainer.max_steps=3"), f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "t2v_r1" in proc.stdout and (out / "results.json").exists()
+    assert "step 3/3" in (out / "run.log").read_text()

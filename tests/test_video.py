@@ -1,0 +1,257 @@
+"""Frame sampling, decoding (exact frames, seeking, short videos, errors) and the clip transform."""
+
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gram.data import video as video_module
+from gram.data.audio import MediaDecodeError, MediaNotFoundError
+from gram.data.video import (
+    CLIP_MEAN,
+    CLIP_STD,
+    VideoTransform,
+    decode_frames,
+    load_video_frames,
+    sample_frame_indices,
+    square_crop_params,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MEDIA = SHARED / "data" / "media"
+FRAME_COUNTS = {"video1.mp4": 131, "video2.mp4": 442, "video3.mp4": 173, "video4.mp4": 202}
+
+
+def _shared_video(name: str) -> Path:
+    path = MEDIA / name
+    if not path.is_file():
+        pytest.skip(f"shared media {path} is absent")
+    return path
+
+
+def write_video(path: Path, num_frames: int, size=(48, 64), gop: int = 12, fps: int = 25) -> np.ndarray:
+    """Encode ``num_frames`` distinct frames (H, W = size) with libx264 (B-frames on); returns them (n, H, W, 3)."""
+    h, w = size
+    rng = np.random.default_rng(num_frames)
+    frames = rng.integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8) // 4
+    frames += (np.arange(num_frames, dtype=np.uint8) * (192 // max(num_frames, 1)))[:, None, None, None]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"g": str(gop), "bf": "2", "preset": "veryfast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return frames
+
+
+def decode_all(path: Path) -> np.ndarray:
+    """Independent reference: every frame, decoded in order without seeking or skipping."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("total, n", [(131, 8), (442, 8), (8, 8), (100, 3), (17, 4)])
+def test_test_sampling_is_the_lower_middle_of_array_split_segments(total, n):
+    expected = [int(c[(len(c) + 1) // 2 - 1]) for c in np.array_split(np.arange(total), n)]
+    assert sample_frame_indices(total, n, training=False) == expected
+
+
+def test_training_sampling_stays_in_its_segment_and_follows_the_seed():
+    segments = np.array_split(np.arange(131), 8)
+    draws = [sample_frame_indices(131, 8, True, torch.Generator().manual_seed(s)) for s in range(20)]
+    for draw in draws:
+        assert all(int(seg[0]) <= i <= int(seg[-1]) for i, seg in zip(draw, segments))
+    assert draws[3] == sample_frame_indices(131, 8, True, torch.Generator().manual_seed(3))
+    assert len({tuple(d) for d in draws}) > 15
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_short_videos_repeat_frames_in_order(training):
+    got = sample_frame_indices(3, 8, training, torch.Generator().manual_seed(0))
+    assert got == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert sample_frame_indices(1, 4, training) == [0, 0, 0, 0]
+
+
+def test_sampling_rejects_empty_videos():
+    with pytest.raises(ValueError, match="positive"):
+        sample_frame_indices(0, 8, False)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", sorted(FRAME_COUNTS))
+def test_shared_videos_decode_to_the_right_shape(name):
+    path = _shared_video(name)
+    seen = []
+    frames = decode_frames(path, lambda total: seen.append(total) or sample_frame_indices(total, 8, False))
+    assert seen == [FRAME_COUNTS[name]]
+    assert frames.shape == (8, 640, 360, 3) and frames.dtype == torch.uint8
+
+
+def test_seeking_decoder_returns_exactly_the_sequential_frames():
+    path = _shared_video("video2.mp4")  # 442 frames, 3 keyframes: the decoder seeks
+    reference = decode_all(path)
+    for indices in ([5, 300, 420, 421], [441, 0, 200, 200, 161, 159]):
+        got = decode_frames(path, indices).numpy()
+        np.testing.assert_array_equal(got, reference[indices])
+
+
+def test_many_keyframes_and_repeated_requests(tmp_path):
+    path = tmp_path / "gop.mp4"
+    write_video(path, 60, gop=7)
+    reference = decode_all(path)
+    assert len(reference) == 60
+    indices = [59, 3, 3, 30, 31, 7, 14, 0, 58]
+    np.testing.assert_array_equal(decode_frames(path, indices).numpy(), reference[indices])
+
+
+def test_sequential_fallback_without_timestamps_gives_the_same_frames(tmp_path, monkeypatch):
+    path = tmp_path / "v.mp4"
+    write_video(path, 20)
+    expected = decode_frames(path, [0, 9, 19]).numpy()
+    monkeypatch.setattr(video_module, "_packet_index", lambda container, stream: None)
+    np.testing.assert_array_equal(decode_frames(path, [0, 9, 19]).numpy(), expected)
+
+
+def test_short_video_gives_repeated_frames(tmp_path):
+    path = tmp_path / "three.mp4"
+    write_video(path, 3)
+    reference = decode_all(path)
+    clip = load_video_frames(path, 8, training=False, transform=None)  # (8, 3, H, W) uint8
+    assert clip.shape == (8, 3, 48, 64)
+    expected = torch.from_numpy(reference[[0, 0, 0, 1, 1, 1, 2, 2]]).permute(0, 3, 1, 2)
+    assert torch.equal(clip, expected)
+
+
+def test_npy_frames_are_read_like_a_video(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 8, 6), dtype=np.uint8)  # grey depth maps
+    np.save(tmp_path / "d.npy", frames)
+    got = decode_frames(tmp_path / "d.npy", [4, 0])
+    assert got.shape == (2, 8, 6, 3)
+    assert torch.equal(got[0, ..., 1], torch.from_numpy(frames[4]))
+
+
+def test_missing_and_undecodable_files_raise_naming_the_path(tmp_path):
+    with pytest.raises(MediaNotFoundError, match="absent.mp4"):
+        load_video_frames(tmp_path / "absent.mp4", 8, False, None)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(MediaDecodeError, match="garbage.mp4"):
+        load_video_frames(garbage, 8, False, None)
+    silent = tmp_path / "sound_only.wav"
+    with wave.open(str(silent), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\x00\x00" * 1600)
+    with pytest.raises(MediaDecodeError, match="no video stream in .*sound_only.wav"):
+        load_video_frames(silent, 8, False, None)
+
+
+def test_out_of_range_and_unknown_backend(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        decode_frames(path, [4])
+    with pytest.raises(ValueError, match="unknown video backend"):
+        decode_frames(path, [0], backend="ffmpeg-cli")
+
+
+@pytest.mark.parametrize("backend, module", [("decord", "decord"), ("opencv", "cv2")])
+def test_optional_backends_agree_on_shape_and_content(backend, module):
+    pytest.importorskip(module)
+    path = _shared_video("video1.mp4")
+    indices = sample_frame_indices(131, 8, False)
+    ours, theirs = decode_frames(path, indices), decode_frames(path, indices, backend=backend)
+    assert theirs.shape == ours.shape
+    # Different YUV->RGB conversions differ by a few levels, not by content.
+    assert (ours.float() - theirs.float()).abs().mean() < 4
+
+
+# ---------------------------------------------------------------- transform and composition
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, h, w) in [0, 1] -> CLIP-normalised."""
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def test_none_mode_squashes_and_normalises():
+    clip = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8)
+    out = VideoTransform(16, mode="none")(clip)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
+    expected = _normalise(F.interpolate(clip.float() / 255, size=(16, 16), mode="bilinear", antialias=True))
+    assert (out - expected).abs().max() < 2.5 / 255 / min(CLIP_STD)  # uint8 rounding of the resize
+
+
+def test_crop_flip_test_mode_is_short_side_resize_then_centre_crop():
+    clip = torch.randint(0, 256, (1, 3, 64, 32), dtype=torch.uint8)  # portrait, short side 32
+    out = VideoTransform(16, mode="crop_flip", training=False)(clip)
+    resized = F.interpolate(clip.float() / 255, size=(32, 16), mode="bilinear", antialias=True)
+    expected = _normalise(resized[..., 8:24, :])
+    assert (out - expected).abs().max() < 2.5 / 255 / min(CLIP_STD)
+
+
+def test_the_crop_and_flip_are_shared_by_all_frames():
+    frames = torch.randint(0, 256, (4, 3, 36, 50), dtype=torch.uint8)
+    transform = VideoTransform(12, mode="crop_flip", training=True)
+    clip_out = transform(frames, torch.Generator().manual_seed(5))
+    for k in range(4):  # each frame alone, same draws: same pixels as inside the clip
+        single = transform(frames[k : k + 1], torch.Generator().manual_seed(5))
+        assert torch.equal(clip_out[k], single[0])
+    assert not torch.equal(clip_out, transform(frames, torch.Generator().manual_seed(6)))
+
+
+def test_random_flip_happens_for_some_seeds_only():
+    frame = torch.randint(0, 256, (1, 3, 20, 20), dtype=torch.uint8)
+    transform = VideoTransform(20, mode="crop_flip", training=True, scale=(1.0, 1.0))  # crop = whole frame
+    plain = VideoTransform(20, mode="none")(frame)
+    outs = [transform(frame, torch.Generator().manual_seed(s)) for s in range(16)]
+    flipped = [torch.allclose(o, plain.flip(-1)) for o in outs]
+    unflipped = [torch.allclose(o, plain) for o in outs]
+    assert all(f != u for f, u in zip(flipped, unflipped)) and any(flipped) and any(unflipped)
+
+
+def test_square_crop_covers_the_requested_area():
+    for seed in range(10):
+        top, left, h, w = square_crop_params(100, 110, (0.8, 1.0), torch.Generator().manual_seed(seed))
+        assert h == w and 0.8 * 100 * 110 - 2 * h <= h * w and top + h <= 100 and left + w <= 110
+
+
+def test_square_crop_of_a_wide_frame_falls_back_to_the_centre_square():
+    # A square holding 80 % of a 16:9 frame does not fit in it, so (as torchvision's RandomResizedCrop
+    # with ratio 1) every try fails and the crop is the centred full-height square; only the flip is random.
+    assert square_crop_params(360, 640, (0.8, 1.0), torch.Generator().manual_seed(0)) == (0, 140, 360, 360)
+
+
+def test_transform_rejects_float_or_channel_last_input():
+    with pytest.raises(ValueError, match="uint8 clip"):
+        VideoTransform(8)(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="unknown video transform"):
+        VideoTransform(8, mode="random")
+
+
+def test_load_video_frames_test_mode_is_deterministic():
+    path = _shared_video("video1.mp4")
+    transform = VideoTransform(32, mode="crop_flip", training=False)
+    a = load_video_frames(path, 8, False, transform)
+    b = load_video_frames(path, 8, False, transform)
+    assert a.shape == (8, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    raw = torch.from_numpy(decode_all(path)[sample_frame_indices(131, 8, False)]).permute(0, 3, 1, 2)
+    assert torch.equal(a, transform(raw))
+
+
+def test_load_video_frames_training_follows_the_generator():
+    path = _shared_video("video3.mp4")
+    transform = VideoTransform(24, mode="crop_flip", training=True)
+    a = load_video_frames(path, 4, True, transform, torch.Generator().manual_seed(1))
+    b = load_video_frames(path, 4, True, transform, torch.Generator().manual_seed(1))
+    c = load_video_frames(path, 4, True, transform, torch.Generator().manual_seed(2))
+    assert a.shape == (4, 3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
