@@ -1,3 +1,20 @@
-"""GRAM: Gramian multimodal representation learning and alignment."""
+"""GRAM: Gramian multimodal representation learning and alignment.
+
+Public API:
+    volume(anchor, *data)            the k-volume spanned by an anchor and k-1 data embeddings (gram.losses)
+    GramModel, ModelConfig           the model and its config (gram.models, gram.config)
+    build_loss, LossConfig           the contrastive objective and its baselines
+    retrieval_metrics(scores, tgt)   R@1/5/10, MedR, MeanR with pessimistic ties (gram.eval)
+    read_annotations(path)           GRAM/VAST annotation files (gram.data)
+"""
+
+from gram.config import GramConfig, ModelConfig
+from gram.data.annotations import read_annotations
+from gram.eval.metrics import retrieval_metrics
+from gram.losses import LossConfig, build_loss, volume
+from gram.models.gram_model import GramModel
 
 __version__ = "0.1.0"
+
+__all__ = ["GramConfig", "GramModel", "LossConfig", "ModelConfig", "build_loss", "read_annotations",
+           "retrieval_metrics", "volume", "__version__"]

@@ -99,8 +99,8 @@ def checkpoint_hash(folder: Path) -> str:
 def flat_result(result: dict[str, Any]) -> dict[str, Any]:
     """results.json entry: the primary (volume) scoring flat, every scoring and the protocol beside it."""
     primary = result["scorings"]["volume"]
-    return {**primary, **{k: v for k, v in result.items() if k != "missing_ids"},
-            "n_missing": len(result["missing_ids"])}
+    return {**primary, "n_queries": primary["t2v_n_queries"], "n_candidates": primary["t2v_n_candidates"],
+            **{k: v for k, v in result.items() if k != "missing_ids"}, "n_missing": len(result["missing_ids"])}
 
 
 def run(cfg_node: DictConfig) -> dict[str, Any]:

@@ -104,8 +104,12 @@ def _dam_batch(batch: int = 4, seed: int = 0):
 def test_dam_builds_the_three_pair_groups_and_plain_ce() -> None:
     ids, mask, condition, _, logits = _dam_batch()
     matcher = TinyMatcher()
-    loss = dam_loss(matcher, ids, mask, condition, logits, logits.T, generator=torch.Generator().manual_seed(3))
-    neg_data, neg_text = sample_hard_negatives(logits, logits.T, 0, generator=torch.Generator().manual_seed(3))
+    loss = dam_loss(
+        matcher, ids, mask, condition, logits, logits.T, generator=torch.Generator().manual_seed(3)
+    )
+    neg_data, neg_text = sample_hard_negatives(
+        logits, logits.T, 0, generator=torch.Generator().manual_seed(3)
+    )
     seen_ids, seen_mask, seen_cond = matcher.seen[0]
     assert torch.equal(seen_ids, torch.cat([ids, ids, ids[neg_text]]))
     assert torch.equal(seen_mask, torch.cat([mask, mask, mask[neg_text]]))
@@ -120,7 +124,9 @@ def test_dam_gradients_reach_matcher_and_data_encoder_only() -> None:
     ids, mask, condition, data_encoder, logits = _dam_batch()
     logits = logits.requires_grad_()
     matcher = TinyMatcher()
-    dam_loss(matcher, ids, mask, condition, logits, logits.T, generator=torch.Generator().manual_seed(0)).backward()
+    dam_loss(
+        matcher, ids, mask, condition, logits, logits.T, generator=torch.Generator().manual_seed(0)
+    ).backward()
     for module in (matcher.embed, matcher.head, data_encoder):
         assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
     assert logits.grad is None  # negatives are sampled without gradient

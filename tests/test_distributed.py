@@ -31,7 +31,9 @@ def test_single_process_fallbacks() -> None:
 
 def full_embeddings() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {n: F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1) for n in ["text", *DATA]}
+    return {
+        n: F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1) for n in ["text", *DATA]
+    }
 
 
 def rank_loss(full: dict[str, torch.Tensor], rows: slice, detach: bool) -> torch.Tensor:
@@ -93,9 +95,13 @@ def check_dam(rank: int) -> None:
         return head(cond.mean(1)) + 0.01 * (ids * mask).sum(1, keepdim=True)  # (3B, 2)
 
     ids, mask = ids_full[rows], torch.ones_like(ids_full[rows])
-    loss = dam_loss(match_fn, ids, mask, condition, logits, logits, generator=torch.Generator().manual_seed(rank))
+    loss = dam_loss(
+        match_fn, ids, mask, condition, logits, logits, generator=torch.Generator().manual_seed(rank)
+    )
     loss.backward()
-    neg_data, neg_text = sample_hard_negatives(logits, logits, rows.start, torch.Generator().manual_seed(rank))
+    neg_data, neg_text = sample_hard_negatives(
+        logits, logits, rows.start, torch.Generator().manual_seed(rank)
+    )
     assert torch.equal(seen[0][0], torch.cat([ids, ids, ids_full[neg_text]]))
     assert torch.equal(seen[0][1], torch.cat([cond_full[rows], cond_full[neg_data], cond_full[rows]]))
     assert torch.isfinite(condition.grad).all() and condition.grad.abs().sum() > 0

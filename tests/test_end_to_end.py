@@ -81,3 +81,16 @@ def test_cli_trains_and_logs_to_a_file(tmp_path, sample_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "t2v_r1" in proc.stdout and (out / "results.json").exists()
     assert "step 3/3" in (out / "run.log").read_text()
+
+
+def test_torchrun_two_processes_train_and_evaluate(tmp_path, sample_root):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=3"), f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())["sample"]
+    assert result["n_queries"] == result["n_candidates"] == 24  # both ranks' shards, nothing lost or doubled
+    assert {p.name for p in list_checkpoints(out)[-1].iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt"}
+    assert "process group: 2 ranks, backend gloo" in (out / "run.log").read_text()

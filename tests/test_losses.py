@@ -14,9 +14,13 @@ from gram.losses import ContrastiveLoss, LossConfig, build_loss, list_similariti
 DATA = ["vision", "audio"]
 
 
-def embeddings(batch: int = 6, dim: int = 16, seed: int = 0, names=("text", *DATA)) -> dict[str, torch.Tensor]:
+def embeddings(
+    batch: int = 6, dim: int = 16, seed: int = 0, names=("text", *DATA)
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=-1) for n in names}
+    return {
+        n: F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=-1) for n in names
+    }
 
 
 def leaves(emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,7 +112,9 @@ def test_triangle_baseline_is_triangle_area() -> None:
     u = emb["text"][:, None] - emb["vision"][None]  # (B, B, d)
     w = emb["text"][:, None] - emb["audio"][None]  # (B, B, d)
     area = 0.5 * (u.square().sum(-1) * w.square().sum(-1) - (u * w).sum(-1) ** 2).sqrt()  # (B, B)
-    torch.testing.assert_close(out["loss"].double(), two_way(-area, -area.T, 0.07).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out["loss"].double(), two_way(-area, -area.T, 0.07).double(), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["volume", "cosine", "symile", "triangle"])
@@ -153,7 +159,9 @@ def test_label_smoothing_is_applied() -> None:
     base = embeddings()
     plain = build_loss(LossConfig(label_smoothing=0.0, gather_with_grad=True))(base, DATA)["loss"]
     vol = det_volume(base["text"], base["vision"], base["audio"])
-    torch.testing.assert_close(plain.double(), two_way(-vol, -vol.T, 0.07, 0.0).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        plain.double(), two_way(-vol, -vol.T, 0.07, 0.0).double(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bf16_autocast_gives_finite_float32_outputs() -> None:

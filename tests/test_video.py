@@ -33,16 +33,18 @@ def _shared_video(name: str) -> Path:
     return path
 
 
-def write_video(path: Path, num_frames: int, size=(48, 64), gop: int = 12, fps: int = 25) -> np.ndarray:
-    """Encode ``num_frames`` distinct frames (H, W = size) with libx264 (B-frames on); returns them (n, H, W, 3)."""
+def write_video(path: Path, num_frames: int, size=(48, 64), gop: int = 12, fps: int = 25,
+                codec: str = "libx264", options: dict | None = None) -> np.ndarray:
+    """Encode ``num_frames`` distinct frames (H, W = size) with B-frames; returns them (n, H, W, 3)."""
     h, w = size
     rng = np.random.default_rng(num_frames)
     frames = rng.integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8) // 4
     frames += (np.arange(num_frames, dtype=np.uint8) * (192 // max(num_frames, 1)))[:, None, None, None]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"g": str(gop), "bf": "2", "preset": "veryfast"}
+        stream.codec_context.gop_size = gop
+        stream.options = options if options is not None else {"g": str(gop), "bf": "2", "preset": "veryfast"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -105,13 +107,22 @@ def test_seeking_decoder_returns_exactly_the_sequential_frames():
         np.testing.assert_array_equal(got, reference[indices])
 
 
-def test_many_keyframes_and_repeated_requests(tmp_path):
-    path = tmp_path / "gop.mp4"
-    write_video(path, 60, gop=7)
+@pytest.mark.parametrize("codec, suffix, options", [
+    ("libx264", "mp4", None),
+    ("mpeg4", "avi", {"bf": "2"}),  # AVI and MPEG-TS index by decoding timestamp
+    ("mpeg2video", "ts", {"bf": "2"}),
+    ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"}),
+    ("libx265", "mkv", {"x265-params": "keyint=7:log-level=error"}),
+])
+def test_many_keyframes_and_repeated_requests(tmp_path, codec, suffix, options):
+    if codec not in av.codecs_available:
+        pytest.skip(f"encoder {codec} not in this FFmpeg build")
+    path = tmp_path / f"gop.{suffix}"
+    write_video(path, 60, gop=7, codec=codec, options=options)
     reference = decode_all(path)
     assert len(reference) == 60
-    indices = [59, 3, 3, 30, 31, 7, 14, 0, 58]
-    np.testing.assert_array_equal(decode_frames(path, indices).numpy(), reference[indices])
+    for indices in ([59, 3, 3, 30, 31, 7, 14, 0, 58], [5, 25, 45]):
+        np.testing.assert_array_equal(decode_frames(path, indices).numpy(), reference[indices])
 
 
 def test_sequential_fallback_without_timestamps_gives_the_same_frames(tmp_path, monkeypatch):
@@ -255,3 +266,20 @@ def test_load_video_frames_training_follows_the_generator():
     b = load_video_frames(path, 4, True, transform, torch.Generator().manual_seed(1))
     c = load_video_frames(path, 4, True, transform, torch.Generator().manual_seed(2))
     assert a.shape == (4, 3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_rotated_videos_are_turned_upright(tmp_path):
+    image = np.zeros((32, 64, 3), dtype=np.uint8)
+    image[:8, :8] = 255  # a white top-left corner on a landscape frame
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)  # shown turned a quarter counter-clockwise
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    frames = decode_frames(path, [0, 2]).numpy()
+    assert frames.shape == (2, 64, 32, 3)
+    np.testing.assert_allclose(frames[:, -8:, :8].mean(), 255, atol=20)  # the corner is now bottom-left
+    np.testing.assert_allclose(frames[:, :8, :8].mean(), 0, atol=20)

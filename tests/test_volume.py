@@ -152,7 +152,9 @@ def test_never_materialises_a_gram_tensor() -> None:
 def test_simplex_volume_matches_determinant(k: int) -> None:
     anchor = unit(4, 7, seed=k)
     data = [unit(5, 7, seed=60 + p) for p in range(k - 1)]
-    torch.testing.assert_close(simplex_volume(anchor, *data), det_simplex(anchor, *data), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        simplex_volume(anchor, *data), det_simplex(anchor, *data), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_triangle_area_formula() -> None:

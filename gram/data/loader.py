@@ -49,8 +49,11 @@ class TrainStream:
         self.dataset.set_epoch(self.epoch)
         sampler = ResumableSampler(self.dataset, self.seed, start_index=self.batches_done * self.micro_batch)
         sampler.set_epoch(self.epoch)
+        # An own generator: starting a loader must not draw from the global RNG, or a resumed run (which
+        # starts one mid-epoch) would drift from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=sampler, drop_last=True,
-                            num_workers=self.num_workers, collate_fn=self.collate,
+                            num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         return iter(loader)
 
@@ -86,4 +89,5 @@ class ShardSampler(Sampler[int]):
 
 def eval_loader(dataset, collate: Callable, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), collate_fn=collate,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))  # leaves the global RNG untouched

@@ -32,7 +32,7 @@ import numpy as np
 
 from gram.data.tokenizer import train_wordpiece_vocab
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SAMPLE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle", "star"),
@@ -57,7 +57,7 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
 PITCH_HZ = {"low": 330.0, "medium": 880.0, "high": 2350.0}
 BEEPS_PER_SECOND = {"steady": 0.0, "slow": 2.0, "fast": 6.0}
 # Shape "radius" as a fraction of the frame side: clearly different after a resize to 64x64.
-SIZE_FRACTION = {"small": 0.13, "large": 0.26}
+SIZE_FRACTION = {"small": 0.14, "large": 0.27}
 # Unit direction (dx, dy) in image coordinates (y grows downwards).
 MOTION_DIRECTION = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
@@ -211,7 +211,7 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.
         return (depth >= 0) & (depth <= 1) & (np.abs(dx) <= 1.05 * radius * depth)
     if shape == "star":
         rho, theta = np.hypot(dx, dy), np.arctan2(dy, dx) + np.pi / 2
-        return rho <= radius * (0.6 + 0.4 * np.cos(5 * theta))
+        return rho <= radius * (0.7 + 0.3 * np.cos(5 * theta))
     raise ValueError(f"Unknown shape {shape!r}; expected one of {SAMPLE_ATTRIBUTES['shape']}.")
 
 
@@ -254,7 +254,9 @@ def beep_envelope(rhythm: str, rng: np.random.Generator, t: np.ndarray) -> np.nd
     return np.clip(np.minimum(phase, 0.5 - phase) / ramp, 0.0, 1.0)
 
 
-def synthesize_audio(attrs: dict[str, str], rng: np.random.Generator, sample_rate: int, duration_s: float) -> np.ndarray:
+def synthesize_audio(
+    attrs: dict[str, str], rng: np.random.Generator, sample_rate: int, duration_s: float
+) -> np.ndarray:
     """Mono float32 waveform [N] in [-1, 1]: a tone of the clip's pitch, rhythm and timbre.
 
     "buzzing" adds odd harmonics (1/k amplitude) below 7 kHz, so it stays inside a 16 kHz
@@ -278,7 +280,9 @@ def resample_linear(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarra
 # ---------------------------------------------------------------------------- encoding
 
 
-def encode_audio_stream(container: av.container.OutputContainer, stream, wave: np.ndarray, sample_rate: int) -> None:
+def encode_audio_stream(
+    container: av.container.OutputContainer, stream, wave: np.ndarray, sample_rate: int
+) -> None:
     """Encode a mono float waveform [N] into ``stream`` and mux it (the codec buffers frames)."""
     frame = av.AudioFrame.from_ndarray(wave[None, :], format="fltp", layout="mono")  # [1, N]
     frame.sample_rate, frame.pts = sample_rate, 0
@@ -334,7 +338,9 @@ def generate_clips(specs: list[ClipSpec], root: Path, media: MediaSpec, workers:
     if workers <= 1:
         return [path for spec in specs for path in generate_clip(spec, root, media)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(generate_clip, specs, itertools.repeat(root), itertools.repeat(media), chunksize=16)
+        results = pool.map(
+            generate_clip, specs, itertools.repeat(root), itertools.repeat(media), chunksize=16
+        )
         return [path for written in results for path in written]
 
 
@@ -437,6 +443,15 @@ def generate_sample_dataset(
         return summary(root, previous, generated=False)
     remove_listed_files(root, previous)
     (root / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
+    manifest = write_dataset(root, seed, num_train, num_test, media, workers or min(2, os.cpu_count() or 1))
+    write_json(root / "manifest.json", {"key": key, **manifest})
+    return summary(root, manifest, generated=True)
+
+
+def write_dataset(
+    root: Path, seed: int, num_train: int, num_test: int, media: MediaSpec, workers: int
+) -> dict:
+    """Write media, annotations and vocabulary; returns the manifest's ``counts`` and ``files``."""
     splits = {
         "train": build_clip_specs(seed, "train", 0, num_train, distinct=False),
         "test": build_clip_specs(seed, "test", num_train, num_test, distinct=True),
@@ -444,7 +459,7 @@ def generate_sample_dataset(
     for folder in ("videos", "audios", "annotations"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     all_specs = splits["train"] + splits["test"]
-    files = generate_clips(all_specs, root, media, workers or min(2, os.cpu_count() or 1))
+    files = generate_clips(all_specs, root, media, workers)
     records = {split: [make_record(spec, seed) for spec in specs] for split, specs in splits.items()}
     for split, split_records in records.items():
         write_json(root / "annotations" / f"{split}.json", split_records)
@@ -459,6 +474,4 @@ def generate_sample_dataset(
         "num_audio_files": n_audio,
         "num_without_audio_file": len(all_specs) - n_audio,
     }
-    manifest = {"key": key, "counts": counts, "files": files}
-    write_json(root / "manifest.json", manifest)
-    return summary(root, manifest, generated=True)
+    return {"counts": counts, "files": files}

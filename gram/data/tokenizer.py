@@ -102,7 +102,9 @@ def canonical_vocab(trained: Iterable[str], word_counts: Counter[str], vocab_siz
     """
     trained = set(trained) - set(SPECIAL_TOKENS)
     chars = sorted(tok for tok in trained if len(tok) == 1 or (tok.startswith("##") and len(tok) == 3))
-    words = sorted((w for w in word_counts if w in trained and len(w) > 1), key=lambda w: (-word_counts[w], w))
+    words = sorted(
+        (w for w in word_counts if w in trained and len(w) > 1), key=lambda w: (-word_counts[w], w)
+    )
     vocab = [*SPECIAL_TOKENS, *chars]
     if len(vocab) > vocab_size:
         raise ValueError(

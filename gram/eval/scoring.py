@@ -3,7 +3,9 @@
 Scores follow the metrics convention (higher = better):
 
 * ``kind="volume"``: score[i, j] = -Vol(text_i, data_1[j], ..., data_{k-1}[j]), the GRAM volume of the
-  k-dimensional parallelotope (``gram.losses.volume``); a smaller volume ranks first.
+  k-dimensional parallelotope (same factorisation as ``gram.losses.volume``, with each sample's basis
+  computed once per call rather than once per tile); a smaller volume ranks first. float32 (float64 if
+  any input is float64), whatever the feature dtype.
 * ``kind="cosine"``: score[i, j] = cos(text_i, data[j]) for a single data modality (T-V, T-A). Inputs are
   L2-normalised here, so unnormalised features still give a true cosine.
 * a callable ``fn(anchor_block (b1, d), *data_blocks (b2, d)) -> (b1, b2)`` used as is (higher = better).
@@ -22,22 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from gram.eval.metrics import Targets, metrics_from_ranks, target_lists
+from gram.losses.volume import orthonormal_basis
 
 BlockFn = Callable[..., torch.Tensor]
 DEFAULT_CHUNK_SIZE = 512
 KINDS = ("volume", "cosine")
-
-
-def _negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
-    """-Vol(anchor_i, data_1[j], ...) for a tile: anchor (b1, d), data (b2, d) each -> (b1, b2)."""
-    from gram.losses import volume  # imported on use: the loss package may import eval helpers itself
-
-    return volume(anchor, *data).neg_()
-
-
-def _dot(anchor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """Dot products of pre-normalised rows: anchor (b1, d) @ data (b2, d).T -> (b1, b2)."""
-    return anchor @ data.T  # (b1, d) @ (d, b2) -> (b1, b2)
 
 
 @dataclass(frozen=True)
@@ -47,6 +38,41 @@ class _Prepared:
     anchor: torch.Tensor  # (Nt, d)
     data: tuple[torch.Tensor, ...]  # each (Nv, d)
     fn: BlockFn
+
+
+def _volume_inputs(anchor: torch.Tensor, data: tuple[torch.Tensor, ...]) -> _Prepared:
+    """Per-sample orthonormal bases of the data, computed once instead of once per tile.
+
+    Vol(a, x_1..x_m) = Vol(x_1..x_m) * dist(a, span(x_1..x_m)) (the factorisation of
+    ``gram.losses.volume``, whose Gram-Schmidt is reused here). The bases and the negated base volumes
+    are row-aligned with the samples, so tiles slice them like any data tensor.
+    """
+    dtype = torch.float64 if torch.float64 in {x.dtype for x in (anchor, *data)} else torch.float32
+    with torch.no_grad():
+        basis, base_volume = orthonormal_basis(torch.stack([x.to(dtype) for x in data], dim=1))  # (Nv, m, d), (Nv,)
+    per_sample = tuple(q.contiguous() for q in basis.unbind(dim=1))  # m x (Nv, d)
+    return _Prepared(anchor.to(dtype), (*per_sample, base_volume.neg().unsqueeze(1)), _negative_volume_tile)
+
+
+def _negative_volume_tile(anchor: torch.Tensor, *basis_and_volume: torch.Tensor) -> torch.Tensor:
+    """-Vol of a tile from precomputed bases; in-place because evaluation needs no gradient.
+
+    anchor (b1, d); basis_and_volume: m orthonormal basis rows (b2, d) and the negated base volume (b2, 1).
+    dist^2 = |a|^2 - sum_p (a . q_p)^2, clamped at 0 against cancellation. Returns (b1, b2).
+    """
+    *basis, neg_base_volume = basis_and_volume
+    proj_sq = None
+    for q in basis:
+        proj = anchor @ q.T  # (b1, d) @ (d, b2) -> (b1, b2)
+        proj_sq = proj.square_() if proj_sq is None else proj_sq.addcmul_(proj, proj)
+    anchor_sq = anchor.square().sum(-1, keepdim=True)  # (b1, 1)
+    height = torch.sub(anchor_sq, proj_sq, out=proj_sq).clamp_min_(0).sqrt_()  # (b1, b2)
+    return height.mul_(neg_base_volume.T)  # (b1, b2) * (1, b2)
+
+
+def _dot(anchor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Dot products of pre-normalised rows: anchor (b1, d) @ data (b2, d).T -> (b1, b2)."""
+    return anchor @ data.T  # (b1, d) @ (d, b2) -> (b1, b2)
 
 
 class _Tiler:
@@ -64,7 +90,7 @@ class _Tiler:
         self.row_size, self.col_size = _tile_side(self.n_rows, chunk_size), _tile_side(self.n_cols, chunk_size)
         self.anchor = _pad_rows(prepared.anchor, self.row_size)  # (n_row_tiles * row_size, d)
         self.data = tuple(_pad_rows(x, self.col_size) for x in prepared.data)  # (n_col_tiles * col_size, d)
-        self.dtype = _score_dtype(prepared.anchor)
+        self.device = prepared.anchor.device
 
     def row_spans(self) -> list[slice]:
         """Row slices of the tiles, covering range(Nt)."""
@@ -114,7 +140,7 @@ def _prepare(anchor: torch.Tensor, data: Sequence[torch.Tensor], kind: str | Blo
     if callable(kind):
         return _Prepared(anchor, data, kind)
     if kind == "volume":
-        return _Prepared(anchor, data, _negative_volume)
+        return _volume_inputs(anchor, data)
     if kind == "cosine":
         if len(data) != 1:
             raise ValueError(f"kind='cosine' scores one data modality, got {len(data)}; use kind='volume'")
@@ -154,15 +180,12 @@ def similarity_matrix(
     Only the output is O(Nt * Nv); intermediate memory is that of one tile. For volume scores this is
     -Vol, so it can be passed straight to ``retrieval_metrics`` and ``rerank_topk``.
     """
-    out = torch.empty(anchor.shape[0], data[0].shape[0], dtype=_score_dtype(anchor))  # (Nt, Nv)
+    out = None
     for rows, cols, tile in score_blocks(anchor, data, kind, chunk_size):
+        if out is None:  # dtype and device of the score function's output, e.g. float32 for bf16 features
+            out = tile.new_empty(anchor.shape[0], data[0].shape[0])  # (Nt, Nv)
         out[rows, cols] = tile
     return out
-
-
-def _score_dtype(anchor: torch.Tensor) -> torch.dtype:
-    """Float dtype of the scores: the features' dtype, float32 for integer features."""
-    return anchor.dtype if anchor.is_floating_point() else torch.float32
 
 
 @dataclass(frozen=True)
@@ -199,14 +222,16 @@ def _pairs_by_tile(pairs: _Pairs, tiler: _Tiler) -> dict[tuple[int, int], tuple[
     out = {}
     for key in torch.stack([row_block, col_block], dim=1).unique(dim=0).tolist():  # (n_tiles, 2)
         sel = (row_block == key[0]) & (col_block == key[1])  # (P,)
-        out[tuple(key)] = (pairs.rows[sel] - key[0] * tiler.row_size, pairs.cols[sel] - key[1] * tiler.col_size)
+        local_rows = pairs.rows[sel] - key[0] * tiler.row_size
+        local_cols = pairs.cols[sel] - key[1] * tiler.col_size
+        out[tuple(key)] = (local_rows.to(tiler.device), local_cols.to(tiler.device))
     return out
 
 
 def _best_target_scores(tiler: _Tiler, by_tile: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: highest correct-pair score per text (Nt,) and per candidate (Nv,), from tiles only."""
-    best_t = torch.full((tiler.n_rows,), float("-inf"), dtype=torch.float64)
-    best_v = torch.full((tiler.n_cols,), float("-inf"), dtype=torch.float64)
+    best_t = torch.full((tiler.n_rows,), float("-inf"), dtype=torch.float64, device=tiler.device)
+    best_v = torch.full((tiler.n_cols,), float("-inf"), dtype=torch.float64, device=tiler.device)
     spans_t, spans_v = tiler.row_spans(), tiler.col_spans()
     for (bi, bj), (lr, lc) in by_tile.items():
         tile = tiler.tile(spans_t[bi], spans_v[bj])  # (br, bc), same slices as pass 2
@@ -218,8 +243,12 @@ def _best_target_scores(tiler: _Tiler, by_tile: dict) -> tuple[torch.Tensor, tor
 
 
 def _check_finite(values: torch.Tensor) -> None:
-    """NaN scores cannot be ranked; fail instead of letting comparisons silently rank them first."""
-    if torch.isnan(values).any():
+    """NaN scores cannot be ranked; fail instead of letting comparisons silently rank them first.
+
+    One reduction is the cheap screen (a NaN makes the sum NaN); only a NaN sum, which +inf and -inf
+    together can also give, pays for the exact elementwise test.
+    """
+    if values.sum().isnan() and torch.isnan(values).any():
         raise ValueError("score function returned NaN; check the features (zero vectors?) and the volume fn")
 
 
@@ -229,15 +258,15 @@ def _count_pass(tiler: _Tiler, by_tile: dict, best_t, best_v) -> tuple[torch.Ten
     Tiles are recomputed with the same slices as pass 1, so a correct pair's score is bit-identical in
     both passes and the pessimistic tie rule is exact.
     """
-    count_t = torch.zeros(tiler.n_rows, dtype=torch.long)
-    count_v = torch.zeros(tiler.n_cols, dtype=torch.long)
+    count_t = torch.zeros(tiler.n_rows, dtype=torch.long, device=tiler.device)
+    count_v = torch.zeros(tiler.n_cols, dtype=torch.long, device=tiler.device)
     for bi, rows in enumerate(tiler.row_spans()):
-        thr_t = best_t[rows].to(tiler.dtype).unsqueeze(1)  # (br, 1)
         for bj, cols in enumerate(tiler.col_spans()):
             tile = tiler.tile(rows, cols)  # (br, bc)
             _check_finite(tile)
-            ge_t = tile >= thr_t  # (br, bc)
-            ge_v = tile >= best_v[cols].to(tile.dtype).unsqueeze(0)  # (br, bc)
+            # The thresholds are tile values stored in float64, so casting back to the tile dtype is exact.
+            ge_t = tile >= best_t[rows].to(tile.dtype).unsqueeze(1)  # (br, bc) vs (br, 1)
+            ge_v = tile >= best_v[cols].to(tile.dtype).unsqueeze(0)  # (br, bc) vs (1, bc)
             if (bi, bj) in by_tile:
                 lr, lc = by_tile[(bi, bj)]
                 ge_t[lr, lc] = False  # a correct pair never counts against its own text
@@ -271,14 +300,16 @@ def retrieval_ranks_from_embeddings(
     """
     prepared = _prepare(text, data, kind)
     pairs = _target_pairs(text_to_video, text.shape[0], prepared.data[0].shape[0])
-    tiler = _Tiler(_Prepared(prepared.anchor[pairs.order], prepared.data, prepared.fn), chunk_size)
+    in_order = torch.equal(pairs.order, torch.arange(text.shape[0]))
+    anchor = prepared.anchor if in_order else prepared.anchor[pairs.order]  # (Nt, d), copy only if reordered
+    tiler = _Tiler(_Prepared(anchor, prepared.data, prepared.fn), chunk_size)
     by_tile = _pairs_by_tile(pairs, tiler)
     with torch.no_grad():
         best_t, best_v = _best_target_scores(tiler, by_tile)
         count_t, count_v = _count_pass(tiler, by_tile, best_t, best_v)
-    t2v = torch.empty_like(count_t)
-    t2v[pairs.order] = count_t  # back to the caller's text order
-    return t2v, count_v
+    t2v = torch.empty_like(count_t, device="cpu")
+    t2v[pairs.order] = count_t.cpu()  # back to the caller's text order
+    return t2v, count_v.cpu()
 
 
 def retrieval_metrics_from_embeddings(

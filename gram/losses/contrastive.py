@@ -46,6 +46,11 @@ def _select(
     return embeddings[anchor], [embeddings[n] for n in data_modalities]
 
 
+def _merge_terms(logits: torch.Tensor) -> torch.Tensor:
+    """(T, B, N) -> (B, N): the sum over score matrices (a view, not a copy, when T = 1)."""
+    return logits[0] if logits.shape[0] == 1 else logits.sum(0)
+
+
 class ContrastiveLoss(nn.Module):
     """The GRAM contrastive objective (and its baselines); owns the learnable temperature.
 
@@ -103,22 +108,40 @@ class ContrastiveLoss(nn.Module):
 
     def _score_pair(
         self, anchor: torch.Tensor, data: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (T, B, B_global) of local anchors vs all data and of local data vs all anchors."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (T, B, B_global) of local anchors vs all data and of local data vs all anchors.
+
+        The second is None when it is just the transpose of the first (one rank, full gradients).
+        """
         with_grad = self.cfg.gather_with_grad
         anchor_all = all_gather(anchor, with_grad)  # (B_global, d)
         data_all = [all_gather(x, with_grad) for x in data]  # [(B_global, d)]
         a2d = self.scores(anchor, data_all, chunk_anchor=False)  # (T, B, B_global)
         if with_grad and get_world_size() == 1:
-            # One rank with full gradients: both directions are the same function of the same tensors.
-            return a2d, a2d.transpose(1, 2)
+            # Both directions are the same function of the same tensors: compute it once.
+            return a2d, None
         d2a = self.scores(anchor_all, data, chunk_anchor=True)  # (T, B_global, B)
-        return a2d, d2a.transpose(1, 2)  # (T, B, B_global) each
+        return a2d, d2a.transpose(1, 2)  # (T, B, B_global)
 
-    def _two_way_ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _ce_over_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum over the T score matrices of the label-smoothed CE of logits (T, B, N) vs targets (B,)."""
         smoothing = self.cfg.label_smoothing
         return sum(F.cross_entropy(term, targets, label_smoothing=smoothing) for term in logits)
+
+    def _column_ce_over_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Same as ``_ce_over_terms(logits.transpose(1, 2), targets)`` for logits (T, N, B).
+
+        Normalising over dim 0 in place of transposing keeps every (N, B) pass and the gradient
+        accumulation contiguous, which matters on CPUs where the loss is otherwise GEMM-bound.
+        """
+        smoothing = self.cfg.label_smoothing
+        columns = torch.arange(targets.shape[0], device=targets.device)
+        total = logits.new_zeros(())
+        for term in logits:
+            log_probs = F.log_softmax(term, dim=0)  # (N, B), normalised per column
+            nll = -log_probs[targets, columns].mean()
+            total = total + (1 - smoothing) * nll - smoothing * log_probs.mean()
+        return total
 
     def forward(
         self,
@@ -144,16 +167,22 @@ class ContrastiveLoss(nn.Module):
         batch = anchor_local.shape[0]
         offset = rank_offset(gather_sizes(batch, anchor_local.device))
         targets = torch.arange(offset, offset + batch, device=anchor_local.device)  # (B,)
-        a2d, d2a = self._score_pair(anchor_local, data_local)  # (T, B, B_global) each
+        a2d, d2a = self._score_pair(anchor_local, data_local)  # (T, B, B_global), same or None
         tau = self.temperature()
-        loss_a2d = self._two_way_ce(a2d / tau, targets)
-        loss_d2a = self._two_way_ce(d2a / tau, targets)
+        logits_a2d = a2d / tau
+        loss_a2d = self._ce_over_terms(logits_a2d, targets)
+        if d2a is None:  # one shared square matrix: data -> anchor is its column-wise CE
+            logits_d2a = logits_a2d.transpose(1, 2)
+            loss_d2a = self._column_ce_over_terms(logits_a2d, targets)
+        else:
+            logits_d2a = d2a / tau
+            loss_d2a = self._ce_over_terms(logits_d2a, targets)
         return {
             "loss": 0.5 * (loss_a2d + loss_d2a),
             "loss_anchor_to_data": loss_a2d.detach(),
             "loss_data_to_anchor": loss_d2a.detach(),
-            "logits_anchor_to_data": (a2d.sum(0) / tau).detach(),
-            "logits_data_to_anchor": (d2a.sum(0) / tau).detach(),
+            "logits_anchor_to_data": _merge_terms(logits_a2d.detach()),
+            "logits_data_to_anchor": _merge_terms(logits_d2a.detach()),
             "temperature": tau.detach(),
             "targets": targets,
         }

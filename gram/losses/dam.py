@@ -26,24 +26,58 @@ MatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _DEFAULT_EPS = 1e-4  # added to the softmax as in the reference, so every negative stays reachable
 
 
-def negative_sampling_probs(logits: torch.Tensor, offset: int, eps: float = _DEFAULT_EPS) -> torch.Tensor:
-    """Unnormalised sampling weights (B, N): softmax(logits) + eps, with each row's positive set to 0.
-
-    Args:
-        logits: (B, N) scores of B local rows against the N-row global batch (higher = more similar).
-        offset: global column of local row 0's positive; row i's positive is column offset + i.
-    """
+def _check_offset(logits: torch.Tensor, offset: int) -> None:
+    """Raise ValueError unless logits is (B, N), N >= 2 and columns offset..offset+B-1 exist."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, N), got shape {tuple(logits.shape)}")
     batch, total = logits.shape
     if total < 2 or offset < 0 or offset + batch > total:
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} with offset {offset}: need a global batch of >= 2 "
             "rows that contains every local positive (offset + B <= N)"
         )
+
+
+def negative_sampling_probs(logits: torch.Tensor, offset: int, eps: float = _DEFAULT_EPS) -> torch.Tensor:
+    """Unnormalised sampling weights (B, N): softmax(logits) + eps, with each row's positive set to 0.
+
+    This is the reference's weight matrix, materialised (for inspection and tests; the sampler
+    itself never builds it).
+
+    Args:
+        logits: (B, N) scores of B local rows against the N-row global batch (higher = more similar).
+        offset: global column of local row 0's positive; row i's positive is column offset + i.
+    """
+    _check_offset(logits, offset)
     with torch.no_grad():
         probs = torch.softmax(logits.float(), dim=1) + eps  # (B, N)
-        rows = torch.arange(batch, device=logits.device)
+        rows = torch.arange(logits.shape[0], device=logits.device)
         probs[rows, rows + offset] = 0.0
     return probs
+
+
+def _sample_one_per_row(
+    logits: torch.Tensor, offset: int, eps: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one column per row from ``negative_sampling_probs`` by inverse-CDF sampling -> (B,).
+
+    Only B uniforms are drawn (multinomial draws B x N exponentials, which dominates its cost): the
+    weights exp(l - max) + eps * sum exp(l - max) are proportional to softmax + eps, the positive's
+    weight is set to exactly 0 before the running sum, so its CDF step is exactly empty and a search
+    can never land on it, whatever the rounding.
+    """
+    batch = logits.shape[0]
+    rows = torch.arange(batch, device=logits.device)
+    logits = logits.float().contiguous()  # row-major, as the row-wise running sum and search want
+    weights = (logits - logits.amax(dim=1, keepdim=True)).exp_()  # (B, N)
+    weights.add_(weights.sum(dim=1, keepdim=True) * eps)
+    weights[rows, rows + offset] = 0.0
+    cdf = weights.cumsum_(dim=1)  # (B, N), non-decreasing
+    total = cdf[:, -1:]  # (B, 1)
+    target = torch.rand(batch, 1, device=logits.device, generator=generator) * total  # (B, 1)
+    # Keep target < total so the search cannot run past the last column with positive weight.
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # first column with cdf > target
 
 
 def sample_hard_negatives(
@@ -53,21 +87,26 @@ def sample_hard_negatives(
     generator: torch.Generator | None = None,
     eps: float = _DEFAULT_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hard negative per local row in each direction, in one vectorised draw per direction.
+    """One hard negative per local row in each direction, without a loop over samples.
+
+    Column j of row i is drawn with probability proportional to softmax(logits[i])_j + eps, and
+    never the positive j = offset + i (reference §2.8).
 
     Args:
-        logits_anchor_to_data, logits_data_to_anchor: (B, N) detached logits, higher = more similar.
+        logits_anchor_to_data, logits_data_to_anchor: (B, N) logits, higher = more similar (no
+            gradient flows through the sampling).
         offset: global index of this rank's first sample (positives are columns offset + i).
         generator: optional RNG on the logits' device, for reproducible draws.
 
     Returns:
         neg_data_idx (B,): a global data index per local anchor; neg_anchor_idx (B,): a global
-        anchor index per local data item. Never the positive.
+        anchor index per local data item.
     """
     negatives = []
-    for logits in (logits_anchor_to_data, logits_data_to_anchor):
-        probs = negative_sampling_probs(logits, offset, eps)  # (B, N)
-        negatives.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))  # (B,)
+    with torch.no_grad():
+        for logits in (logits_anchor_to_data, logits_data_to_anchor):
+            _check_offset(logits, offset)
+            negatives.append(_sample_one_per_row(logits.detach(), offset, eps, generator))
     return negatives[0], negatives[1]
 
 
@@ -123,5 +162,7 @@ def dam_loss(
     labels = torch.cat([text_ids.new_ones(batch), text_ids.new_zeros(2 * batch)]).long()  # (3B,)
     logits = match_fn(ids, mask, cond)
     if logits.shape != (3 * batch, 2):
-        raise ValueError(f"match_fn returned logits of shape {tuple(logits.shape)}, expected ({3 * batch}, 2)")
+        raise ValueError(
+            f"match_fn returned logits of shape {tuple(logits.shape)}, expected ({3 * batch}, 2)"
+        )
     return F.cross_entropy(logits.float(), labels)

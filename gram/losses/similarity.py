@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gram.losses.volume import _check_inputs, _compute_dtype, simplex_volume, volume
+from gram.losses.volume import _check_inputs, _compute_dtype, negative_volume, simplex_volume
 
 __all__ = ["SimilarityFn", "get_similarity", "list_similarities"]
 
@@ -29,7 +29,7 @@ def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> lis
 
 def volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
     """GRAM: minus the k-volume of (anchor_i, data_j...) -> (1, N1, N2)."""
-    return -volume(anchor, *data).unsqueeze(0)
+    return negative_volume(anchor, *data).unsqueeze(0)
 
 
 def cosine_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["orthonormal_basis", "simplex_volume", "volume"]
+__all__ = ["negative_volume", "orthonormal_basis", "simplex_volume", "volume"]
 
 
 def _compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -66,7 +67,9 @@ def orthonormal_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``basis[:, p]`` is the unit component of ``x[:, p]`` orthogonal to ``x[:, :p]`` (zero, with a
     finite gradient, when that component vanishes) and ``volume = prod_p |component_p|`` is the
     m-dimensional volume of the sample's m vectors. Each projection is applied twice ("twice is
-    enough" re-orthogonalisation), which keeps near-collinear inputs accurate at negligible cost.
+    enough" re-orthogonalisation), which keeps near-collinear inputs accurate. The second pass removes
+    only rounding-level components, so its coefficients are treated as constants: that drops an
+    O(rounding) term from the gradient but keeps the pass from storing (N, d) tensors for backward.
     """
     if x.shape[1] == 0:
         return x, x.new_ones(x.shape[0])
@@ -75,40 +78,97 @@ def orthonormal_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norms: list[torch.Tensor] = []
     for p in range(x.shape[1]):
         residual = x[:, p]  # (N, d)
-        for _ in range(2):
-            for q in basis:
-                residual = residual - (residual * q).sum(-1, keepdim=True) * q  # (N, d)
+        for q in basis:
+            residual = residual - (residual * q).sum(-1, keepdim=True) * q  # (N, d)
+        for q in basis:
+            coefficient = (residual.detach() * q.detach()).sum(-1, keepdim=True)  # (N, 1), ~rounding
+            residual = residual - coefficient * q  # (N, d)
         norm = _safe_sqrt(residual.square().sum(-1), 0.0)  # (N,)
         basis.append(residual / norm.clamp_min(eps).unsqueeze(-1))  # (N, d)
         norms.append(norm)
     return torch.stack(basis, dim=1), torch.stack(norms, dim=-1).prod(-1)
 
 
-def _height(anchor: torch.Tensor, basis: torch.Tensor, origin: torch.Tensor | None = None) -> torch.Tensor:
-    """Distance of every anchor row from every sample's (affine) span -> (N1, N2).
+class _ProjectedVolume(torch.autograd.Function):
+    """Volumes from the factorisation: (N1, d), (m*N2, d), (N2,) -> (N1, N2).
 
-    anchor (N1, d); basis (N2, m, d) orthonormal per sample (m may be 0); origin (N2, d) or None.
-    With an origin o_j the distance is that of a_i - o_j from span(basis_j):
-        |a - o|^2 - sum_p ((a - o) . q_p)^2 = |a|^2 - 2 a.o + |o|^2 - sum_p (a.q_p - o.q_p)^2.
-    All anchor-dependent dot products come from a single GEMM.
+    vol_ij = data_volume_j * dist_ij with dist_ij^2 = |a_i|^2 - sum_p (a_i . q_jp)^2 from one GEMM.
+    Hand-written so that only the projections (N1, m, N2) and the heights (N1, N2) are kept for
+    backward and every large elementwise pass is fused: plain autograd keeps and revisits several such
+    tensors, which on a CPU costs about as much as the GEMMs themselves.
+    The height's gradient is cut to 0 where dist^2 <= eps * |a|^2, the noise floor of this formula.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        anchor: torch.Tensor,
+        flat_basis: torch.Tensor,
+        data_volume: torch.Tensor,
+        m: int,
+        sign: float,
+    ) -> torch.Tensor:
+        n1, n2 = anchor.shape[0], flat_basis.shape[0] // m
+        anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
+        proj = (anchor @ flat_basis.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
+        height = anchor_sq.expand(n1, n2).clone()  # (N1, N2), becomes dist^2 then dist in place
+        for p in range(m):
+            height.addcmul_(proj[:, p], proj[:, p], value=-1.0)
+        height.clamp_min_(0).sqrt_()
+        signed_volume = data_volume * sign  # (N2,): the sign rides on the per-sample factor for free
+        ctx.save_for_backward(anchor, flat_basis, signed_volume, proj, height, anchor_sq)
+        ctx.sign = sign
+        return height * signed_volume  # (N1, N2) * (N2,)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        anchor, flat_basis, signed_volume, proj, height, anchor_sq = ctx.saved_tensors
+        n1, m, n2 = proj.shape
+        grad_volume = (grad * height).sum(0) * ctx.sign if ctx.needs_input_grad[2] else None  # (N2,)
+        # d out / d dist^2 = signed_volume / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
+        above = height.square() > torch.finfo(height.dtype).eps * anchor_sq  # (N1, N2)
+        scale = torch.where(above, grad * signed_volume / height, 0.0)  # (N1, N2)
+        grad_proj = (proj * scale.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); its sign is applied below
+        grad_anchor = grad_basis = None
+        if ctx.needs_input_grad[0]:
+            grad_anchor = anchor * scale.sum(1, keepdim=True) - grad_proj @ flat_basis  # (N1, d)
+        if ctx.needs_input_grad[1]:
+            grad_basis = -(grad_proj.T @ anchor)  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
+        return grad_anchor, grad_basis, grad_volume, None, None
+
+
+def _affine_height(anchor: torch.Tensor, basis: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """Distance of every a_i - o_j from span(basis_j) -> (N1, N2).
+
+    anchor (N1, d); basis (N2, m, d) orthonormal per sample (m may be 0); origin (N2, d):
+        |a - o|^2 - sum_p ((a - o) . q_p)^2 = |a|^2 - 2 a.o + |o|^2 - sum_p (a.q_p - o.q_p)^2,
+    with every anchor-dependent dot product from GEMMs (plain autograd: used by the baselines only).
     """
     n1, d = anchor.shape
     n2, m, _ = basis.shape
     anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
-    dist_sq = anchor_sq.expand(n1, n2)
+    origin_sq = origin.square().sum(-1).unsqueeze(0)  # (1, N2)
+    dist_sq = anchor_sq - 2 * (anchor @ origin.T) + origin_sq  # (N1, d) @ (d, N2) -> (N1, N2)
     if m > 0:
-        # Stack as (m, N2, d) so the reduction over m runs over an outer, not the innermost, axis.
         flat = basis.transpose(0, 1).reshape(m * n2, d)  # (m*N2, d)
         proj = (anchor @ flat.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
-        if origin is not None:
-            proj = proj - (basis * origin.unsqueeze(1)).sum(-1).T.unsqueeze(0)  # (N1, m, N2) - (1, m, N2)
+        proj = proj - (basis * origin.unsqueeze(1)).sum(-1).T.unsqueeze(0)  # (N1, m, N2) - (1, m, N2)
         dist_sq = dist_sq - proj.square().sum(1)  # (N1, N2)
-    if origin is not None:
-        cross = anchor @ origin.T  # (N1, d) @ (d, N2) -> (N1, N2)
-        dist_sq = dist_sq - 2 * cross + origin.square().sum(-1).unsqueeze(0)  # (N1, N2)
-    # Below eps * |a|^2 the cancellation noise dominates, so only the gradient is cut there.
-    threshold = torch.finfo(anchor.dtype).eps * anchor_sq.clamp_min(torch.finfo(anchor.dtype).tiny)
-    return _safe_sqrt(dist_sq, threshold)
+    # Below eps * (|a|^2 + |o|^2) the cancellation noise dominates, so only the gradient is cut there.
+    return _safe_sqrt(dist_sq, torch.finfo(anchor.dtype).eps * (anchor_sq + origin_sq))
+
+
+def _signed_volume(anchor: torch.Tensor, data: Sequence[torch.Tensor], sign: float) -> torch.Tensor:
+    """sign * volume(anchor, *data) (N1, N2); the sign costs nothing inside the fused kernel."""
+    _check_inputs(anchor, data)
+    dtype = _compute_dtype([anchor, *data])
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a = anchor.to(dtype)
+        x = torch.stack([t.to(dtype) for t in data], dim=1)  # (N2, m, d)
+        basis, data_volume = orthonormal_basis(x)  # (N2, m, d), (N2,)
+        # Stack the basis as (m*N2, d), sample-minor, so per-p slices of the projections are contiguous.
+        flat = basis.transpose(0, 1).reshape(-1, a.shape[1])  # (m*N2, d)
+        return _ProjectedVolume.apply(a, flat, data_volume, len(data), sign)  # (N1, N2)
 
 
 def volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
@@ -123,13 +183,12 @@ def volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
         inputs), also under autocast. Equal to the reference's determinant formulation; see the module
         docstring for the degenerate-input behaviour (finite values and gradients; zero rows give 0).
     """
-    _check_inputs(anchor, data)
-    dtype = _compute_dtype([anchor, *data])
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a = anchor.to(dtype)
-        x = torch.stack([t.to(dtype) for t in data], dim=1)  # (N2, m, d)
-        basis, data_volume = orthonormal_basis(x)  # (N2, m, d), (N2,)
-        return _height(a, basis) * data_volume.unsqueeze(0)  # (N1, N2)
+    return _signed_volume(anchor, data, 1.0)
+
+
+def negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
+    """-volume(anchor, *data) (N1, N2): GRAM's similarity score, without an extra negation pass."""
+    return _signed_volume(anchor, data, -1.0)
 
 
 def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
@@ -149,5 +208,5 @@ def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
         if len(data) > 1:
             edges = torch.stack([t.to(dtype) - base for t in data[1:]], dim=1)  # (N2, m-1, d)
         basis, base_volume = orthonormal_basis(edges)  # (N2, m-1, d), (N2,)
-        height = _height(a, basis, origin=base)  # (N1, N2)
+        height = _affine_height(a, basis, base)  # (N1, N2)
         return height * base_volume.unsqueeze(0) / math.factorial(len(data))  # (N1, N2)

@@ -7,6 +7,7 @@ through the same BERT with cross-attention over the data modalities' tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
@@ -21,6 +22,11 @@ from gram.models.vision import build_vision_encoder
 # Which encoder family reads each modality.
 ENCODER_OF = {"text": "text", "subtitle": "text", "video": "vision", "depth": "vision", "audio": "audio"}
 FRAMED = ("video", "depth", "audio")  # modalities with several frames/clips per sample
+
+
+def building_on_meta() -> bool:
+    """True inside ``with torch.device("meta")``: only shapes are built, so no encoder weight file is read."""
+    return torch.get_default_device().type == "meta"
 
 
 class MatchHead(nn.Module):
@@ -42,9 +48,13 @@ class GramModel(nn.Module):
         self.cfg = cfg
         self.modalities = tuple(cfg.modalities)
         families = {ENCODER_OF[m] for m in ("text", *self.modalities)}
-        # Each builder also loads the encoder's pretrained weights when its config names a file.
-        builders = {"text": lambda: build_text_encoder(cfg.text), "vision": lambda: build_vision_encoder(cfg.vision),
-                    "audio": lambda: build_beats(cfg.audio)}
+        # Each builder also loads the encoder's pretrained weights when its config names a file, except on the
+        # meta device (a weightless build; BEATs then takes its architecture from cfg.audio, not the file's cfg).
+        meta = "meta" if building_on_meta() else None
+        audio_cfg = dataclasses.replace(cfg.audio, weights=None) if meta else cfg.audio
+        builders = {"text": lambda: build_text_encoder(cfg.text, device=meta),
+                    "vision": lambda: build_vision_encoder(cfg.vision, device=meta),
+                    "audio": lambda: build_beats(audio_cfg)}
         self.encoders = nn.ModuleDict({name: builders[name]() for name in sorted(families)})
         self.projections = nn.ModuleDict({
             m: nn.Linear(self.encoders[ENCODER_OF[m]].width, cfg.embed_dim, bias=False)

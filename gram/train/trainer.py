@@ -6,10 +6,12 @@ The trainer knows nothing about modalities: it moves batches, calls the task, st
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -79,7 +81,9 @@ class Trainer:
         if dist.get_world_size() == 1:
             return task
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=False)
+        # The matching head's parameters only get gradients from the DAM loss.
+        unused = getattr(task, "dam_weight", 1.0) == 0 and task.model.cfg.matching_head
+        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -105,8 +109,16 @@ class Trainer:
             ckpt.set_rng_state(rng)
         else:
             log.warning("world size changed since the checkpoint: RNG streams restart (the run is not bitwise exact)")
+        self._truncate_history()
         log.info("resumed from %s at step %d", folder, self.step)
         return True
+
+    def _truncate_history(self) -> None:
+        """Steps logged after the checkpoint we resume from will be redone: drop them from metrics.jsonl."""
+        path = Path(self.output_dir) / "metrics.jsonl"
+        if dist.is_main_process() and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def save(self, best: bool = False) -> None:
         ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
@@ -184,8 +196,13 @@ class Trainer:
         if self.evaluate_fn is None or not (final or (every and self.step % every == 0)):
             return None
         result = self.evaluate_fn()
+        log.info("eval at step %d: %s", self.step, " ".join(
+            f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
         metric = result.get(self.tcfg.best_metric)
-        improved = metric is not None and metric > self.best
+        if metric is None:
+            raise KeyError(f"trainer.best_metric={self.tcfg.best_metric!r} is not an evaluation result; "
+                           f"choose one of {sorted(k for k, v in result.items() if isinstance(v, (int, float)))}")
+        improved = metric > self.best
         if improved:
             self.best = metric
         if self.logger:
@@ -223,6 +240,10 @@ class Trainer:
         return result
 
     def _log(self, metrics: dict[str, float]) -> None:
+        """Every step's losses go to `<output_dir>/metrics.jsonl` (rank 0); every `log_every`-th to the log."""
+        if dist.is_main_process():
+            with open(Path(self.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
         if self.step % self.tcfg.log_every and self.step != 1:
             return
         parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
