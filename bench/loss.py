@@ -36,7 +36,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 4, 5])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (fewer at B >= 2048)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats (x4 at B <= 256, /2 at B >= 2048)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     parser.add_argument(
@@ -225,6 +227,13 @@ def header(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def repeats_for(batch: int, repeats: int) -> int:
+    """More repeats where a call takes milliseconds (noisier), fewer where it takes seconds."""
+    if batch <= 256:
+        return 4 * repeats
+    return max(1, repeats // 2) if batch >= 2048 else repeats
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -232,7 +241,7 @@ def main() -> None:
     methods = {name: fn.to(args.device) for name, fn in build_methods(args.detach_negatives).items()}
     print(header(args), flush=True)
     for batch in args.batch_sizes:
-        repeats = max(1, args.repeats // 2) if batch >= 2048 else args.repeats
+        repeats = repeats_for(batch, args.repeats)
         for k in args.ks:
             emb = make_embeddings(batch, k, args.dim, args.device)
             res = bench_case(methods, emb, repeats, args)

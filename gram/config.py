@@ -8,7 +8,7 @@ runs each `__post_init__` validation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -43,23 +43,23 @@ class DatasetConfig:
     """One split of one dataset: an annotation file and the media folders its ids point into."""
 
     annotations: str = ""
-    video_dir: Optional[str] = None
-    audio_dir: Optional[str] = None
-    depth_dir: Optional[str] = None
+    video_dir: str | None = None
+    audio_dir: str | None = None
+    depth_dir: str | None = None
     video_extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "webm", "avi", "mov"])
     audio_extensions: list[str] = field(default_factory=lambda: ["mp3", "wav", "m4a", "flac", "ogg", "aac"])
     depth_extensions: list[str] = field(default_factory=lambda: ["mp4", "npy"])
     # DiDeMo ships a list of ids whose videos are broken; those records are dropped (and counted).
-    corrupted: Optional[str] = None
+    corrupted: str | None = None
     # Size of the standard split (e.g. 1000 for MSRVTT 1k-A); the evaluation reports it beside what was evaluated.
-    canonical_size: Optional[int] = None
+    canonical_size: int | None = None
 
 
 @dataclass
 class DataConfig:
     name: str = "sample"
-    train: Optional[DatasetConfig] = None
-    test: Optional[DatasetConfig] = None
+    train: DatasetConfig | None = None
+    test: DatasetConfig | None = None
     # Generate the sample dataset into `sample_dir` when it is missing (the embedded default run).
     generate_sample: bool = False
     sample_dir: str = "data/sample"
@@ -101,6 +101,11 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     max_frames: int = 8
     max_audio_clips: int = 1
+    # How one vector is pooled from the text and vision tokens: "cls" (the paper: BERT's [CLS], the frame mean of
+    # EVA's per-frame [CLS]) or "mean" (mean over valid tokens). A randomly initialised transformer's [CLS]
+    # output barely depends on its input, so small models trained from scratch learn much faster with "mean".
+    text_pooling: str = "cls"
+    vision_pooling: str = "cls"
     matching_head: bool = True
     freeze_vision: bool = False
     freeze_audio: bool = False
@@ -112,6 +117,8 @@ class ModelConfig:
             _one_of(m, DATA_MODALITIES, "model.modalities")
         _require(len(set(self.modalities)) == len(self.modalities), "model.modalities", "duplicates")
         _require(self.embed_dim > 0, "model.embed_dim", "must be positive")
+        _one_of(self.text_pooling, ("cls", "mean"), "model.text_pooling")
+        _one_of(self.vision_pooling, ("cls", "mean"), "model.vision_pooling")
 
 
 @dataclass
@@ -120,7 +127,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 1000
     # End the run early (with a checkpoint) without changing the schedule, which still spans max_steps.
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: int | None = None
     lr: float = 2e-5
     vision_lr: float = 5e-7
     weight_decay: float = 0.01
@@ -155,7 +162,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     # Which data modalities enter the score: T-V = [video], T-VA = [video, audio], ... (defaults to model's).
-    modalities: Optional[list[str]] = None
+    modalities: list[str] | None = None
     # "first": one caption per video, as the reference; "all": every caption is a query.
     caption_protocol: str = "first"
     rerank_k: int = 0  # DAM re-ranking of the top-k (the paper's setting is 50); 0 disables it
@@ -172,7 +179,7 @@ class EvalConfig:
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "gram"
-    entity: Optional[str] = None
+    entity: str | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("offline", "online", "disabled"), "logger.wandb.mode")
@@ -187,7 +194,7 @@ class LoggerConfig:
 @dataclass
 class GramConfig:
     mode: str = "train"  # train | test
-    checkpoint: Optional[str] = None  # a checkpoint file or an output dir (its latest checkpoint)
+    checkpoint: str | None = None  # a checkpoint file or an output dir (its latest checkpoint)
     output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
     seed: int = 42
     paths: PathsConfig = field(default_factory=PathsConfig)

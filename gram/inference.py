@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 from torch.utils.data import Subset
 
-from gram.config import DataConfig, DatasetConfig, ModelConfig
+from gram.config import DataConfig, DatasetConfig, LossConfig, ModelConfig
 from gram.data.audio import (
     NoAudioStreamError,
     load_audio_clips,
@@ -41,11 +40,9 @@ from gram.eval.scoring import similarity_matrix
 from gram.main import build_model, without_pretrained
 from gram.models.gram_model import GramModel
 from gram.train import checkpoint as ckpt
+from gram.train.task import GramTask
 
 MediaInput = str | PathLike | torch.Tensor
-MODEL_PREFIX = "model."
-# Other top-level modules a task checkpoint may hold besides the model (the loss's learnable temperature).
-NON_MODEL_PREFIXES = ("loss.",)
 
 
 class TokenizerNotFoundError(FileNotFoundError):
@@ -210,9 +207,11 @@ def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
     data_cfg = _typed(DataConfig, saved.get("data"), folder, "data")
     vocab = _tokenizer_path(tokenizer if tokenizer is not None else data_cfg.tokenizer, folder, tokenizer is None)
     text_tokenizer = load_tokenizer(vocab)
-    model = build_model(model_cfg, text_tokenizer)
-    model.load_state_dict(model_state_dict(folder / ckpt.WEIGHTS), strict=True)
-    return GramPredictor(model, data_cfg, text_tokenizer, _device(device), batch_size)
+    # The file holds the training task (model.* and the loss's temperature, loss.*): load it as training saved
+    # it, strictly, so tied weights (saved once by safetensors) are restored as well.
+    task = GramTask(build_model(model_cfg, text_tokenizer), _typed(LossConfig, saved.get("loss"), folder, "loss"))
+    ckpt.load_weights(task, folder, strict=True)
+    return GramPredictor(task.model, data_cfg, text_tokenizer, _device(device), batch_size)
 
 
 def _checkpoint_folder(path_or_name: str | PathLike) -> Path:
@@ -245,15 +244,6 @@ def _tokenizer_path(path: str | PathLike, folder: Path, from_config: bool) -> Pa
             f"training run's directory, or" if not p.is_absolute() else " Either")
     raise TokenizerNotFoundError(f"tokenizer {str(path)!r} ({where}) not found.{hint} pass "
                                  f"load_model(..., tokenizer=DIR_OR_VOCAB_TXT) with the run's vocab.txt.")
-
-
-def model_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    """The model's tensors from a task checkpoint (keys ``model.*``; the loss's tensors are left out)."""
-    state = load_file(str(weights))
-    unknown = [k for k in state if not k.startswith((MODEL_PREFIX, *NON_MODEL_PREFIXES))]
-    if unknown:
-        raise KeyError(f"{weights}: unexpected tensors {unknown[:5]}; a gram checkpoint holds model.* and loss.*")
-    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
 def _device(device: str | torch.device) -> torch.device:

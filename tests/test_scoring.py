@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gram.eval import scoring
 from gram.eval.metrics import retrieval_metrics, target_ranks
 from gram.eval.rerank import rerank_topk
 from gram.eval.scoring import (
@@ -14,6 +15,7 @@ from gram.eval.scoring import (
     score_blocks,
     similarity_matrix,
 )
+from gram.losses import volume
 
 
 def det_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,7 @@ def test_volume_scores_are_negative_det_volume():
     t, v, a = unit(9, 6, 0), unit(7, 6, 1), unit(7, 6, 2)
     got = similarity_matrix(t, [v, a], "volume", chunk_size=4)
     torch.testing.assert_close(got.double(), -det_volume(t, v, a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, -volume(t, v, a), atol=1e-6, rtol=0)  # the training function
 
 
 def test_four_modality_volume_and_cosine():
@@ -94,6 +97,19 @@ def test_streaming_equals_full_matrix_metrics(kind, n_data, chunk):
         assert metrics[f"t2v_{key}"] == pytest.approx(value)
     for key, value in retrieval_metrics(full.T, video_targets(t2v, n_video)).items():
         assert metrics[f"v2t_{key}"] == pytest.approx(value)
+
+
+@pytest.mark.parametrize("max_pending", [0, 1])
+def test_streaming_recomputes_evicted_tiles_exactly(monkeypatch, max_pending):
+    # Targets scattered over every tile and a tiny pending budget force the recompute path of pass 2.
+    monkeypatch.setattr(scoring, "MAX_PENDING_TILES", max_pending)
+    rng = random.Random(70)
+    t2v = [[rng.randrange(15) for _ in range(3)] for _ in range(30)] + list(range(15))
+    text, video = unit(45, 5, 71), unit(15, 5, 72)
+    got_t2v, got_v2t = retrieval_ranks_from_embeddings(text, [video], t2v, "cosine", chunk_size=4)
+    full = similarity_matrix(text, [video], "cosine", chunk_size=4)
+    assert torch.equal(got_t2v, target_ranks(full, t2v))
+    assert torch.equal(got_v2t, target_ranks(full.T, video_targets(t2v, 15)))
 
 
 def test_streaming_with_callable_score_and_integer_ties():

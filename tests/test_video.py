@@ -1,6 +1,7 @@
 """Frame sampling, decoding (exact frames, seeking, short videos, errors) and the clip transform."""
 
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -283,3 +284,40 @@ def test_rotated_videos_are_turned_upright(tmp_path):
     assert frames.shape == (2, 64, 32, 3)
     np.testing.assert_allclose(frames[:, -8:, :8].mean(), 255, atol=20)  # the corner is now bottom-left
     np.testing.assert_allclose(frames[:, :8, :8].mean(), 0, atol=20)
+
+
+def test_mp4_frames_come_from_the_sample_table_without_reading_every_packet(tmp_path, monkeypatch):
+    path = tmp_path / "cfr.mp4"
+    write_video(path, 40, gop=8)
+    reference = decode_all(path)
+
+    def exact_index_not_expected(container, stream):
+        raise AssertionError("a constant-rate mp4 should not need the full packet scan")
+
+    monkeypatch.setattr(video_module, "_packet_index", exact_index_not_expected)
+    np.testing.assert_array_equal(decode_frames(path, [39, 0, 17]).numpy(), reference[[39, 0, 17]])
+
+
+def test_variable_frame_rate_mp4_falls_back_to_the_exact_index(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"bf": "3", "g": "20"}
+        stream.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i in range(60):
+            image = rng.integers(0, 64, (48, 64, 3), dtype=np.uint8) + np.uint8(2 * i)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += int(rng.choice([20, 33, 50, 70]))  # irregular frame durations
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    reference = decode_all(path)
+    exact_scans = []
+    exact = video_module._packet_index
+    monkeypatch.setattr(video_module, "_packet_index", lambda c, s: exact_scans.append(1) or exact(c, s))
+    indices = [59, 3, 40, 41, 0, 58]
+    np.testing.assert_array_equal(decode_frames(path, indices).numpy(), reference[indices])
+    assert exact_scans == [1]  # the inferred timestamps did not match, so the packets were scanned

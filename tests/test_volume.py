@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import gram.losses
 from gram.losses import simplex_volume, volume
+from gram.losses.volume import negative_volume
 
 
 def det_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
@@ -111,6 +112,7 @@ def test_gradcheck_random(k: int) -> None:
     anchor = unit(3, 6, seed=k).requires_grad_()
     data = [unit(4, 6, seed=30 + p).requires_grad_() for p in range(k - 1)]
     assert torch.autograd.gradcheck(volume, (anchor, *data))
+    assert torch.autograd.gradcheck(negative_volume, (anchor, *data))
     assert torch.autograd.gradcheck(simplex_volume, (anchor, *data))
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class MissingMediaError(FileNotFoundError):
     """Raised when evaluation items have no media file; lists the ids so nothing is dropped silently."""
 
-    def __init__(self, split: str, missing: Sequence[str], folder: Optional[str]):
+    def __init__(self, split: str, missing: Sequence[str], folder: str | None):
         shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
         super().__init__(
             f"{len(missing)} {split} item(s) have no media file in {folder}: {shown}. Evaluation never drops items "
@@ -45,9 +46,9 @@ class MissingMediaError(FileNotFoundError):
 
 @dataclass
 class MediaPaths:
-    video: Optional[Path]
-    audio: Optional[Path]
-    depth: Optional[Path]
+    video: Path | None
+    audio: Path | None
+    depth: Path | None
 
 
 def _sample_seed(*parts: Any) -> int:
@@ -72,7 +73,7 @@ class VideoTextDataset(Dataset):
     def _resolve(self, record: AnnotationRecord) -> MediaPaths:
         s = self.split
 
-        def find(folder: Optional[str], exts: Sequence[str]) -> Optional[Path]:
+        def find(folder: str | None, exts: Sequence[str]) -> Path | None:
             return resolve_media(folder, record.video_id, exts) if folder else None
 
         return MediaPaths(find(s.video_dir, s.video_extensions), find(s.audio_dir, s.audio_extensions),
@@ -111,7 +112,7 @@ class VideoTextDataset(Dataset):
             return captions[int(torch.randint(len(captions), (1,), generator=generator))]
         return captions[0]
 
-    def __getitem__(self, index: int) -> Optional[dict[str, Any]]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
         record, paths = self.records[index], self.media[index]
         item: dict[str, Any] = {"id": record.video_id, "caption": self.caption(index, generator)}
@@ -164,7 +165,7 @@ class Collator:
                              return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
-    def __call__(self, items: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if "failed" not in it]
         batch: dict[str, Any] = {"skipped": [it["failed"] for it in items if "failed" in it],
                                  "ids": [it["id"] for it in good]}

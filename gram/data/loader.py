@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -68,7 +69,7 @@ class TrainStream:
             except StopIteration:
                 self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
 
-    def __iter__(self) -> "TrainStream":
+    def __iter__(self) -> TrainStream:
         return self
 
 

@@ -1,17 +1,20 @@
 """Video frames: segment sampling, decoding, and the EVA-CLIP clip transform.
 
 Decoding sits behind one function, :func:`decode_frames`. The default backend is PyAV (chosen by
-``bench/data.py``; numbers in its docstring): it reads the packet index once (no decoding), then decodes
-only what the requested frames need:
+``bench/data.py``): it decodes only what the requested frames need.
 
-* frames are addressed by presentation order, using the packet timestamps, so the frame count is exact
-  without trusting container metadata;
-* when the next requested frame lies past a keyframe that has not been reached yet, it seeks to that
-  keyframe instead of decoding everything in between, so a 3-minute video costs about what its sampled
-  groups of pictures cost, not its length;
-* for H.264 and MPEG-1/2/4, frames that no other frame references (most B-frames) are skipped unless
-  they are requested, which changes no decoded pixel (nothing predicts from them) and saves 30-60 % of
-  the work. The result equals a full sequential decode bit for bit (tested across codecs and containers).
+* Frames are addressed by presentation order through their timestamps, so the frame count is exact
+  without trusting container metadata. For MP4/MOV the timestamps come from the sample table (no packet
+  is read); they are checked against every decoded frame, and any mismatch (variable frame rate) falls
+  back to scanning the packets once. Files without timestamps are decoded in order.
+* When the next requested frame lies past a keyframe that has not been reached yet, the decoder seeks to
+  that keyframe instead of decoding everything in between, so a 3-minute video costs about what its
+  sampled groups of pictures cost, not its length.
+* For H.264 and MPEG-1/2/4, frames that no other frame references (most B-frames) are skipped unless
+  they are requested, which changes no decoded pixel and saves 30-60 % of the work.
+* Frames come out upright when the stream carries a display rotation (phone videos).
+
+The result equals a full sequential decode bit for bit (tested across codecs and containers).
 
 ``decord`` (package ``decord2``) and ``opencv`` (seek per frame with ``CAP_PROP_POS_FRAMES``, the
 reference's method, kept as the benchmark baseline) are optional backends with the same signature.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from os import PathLike
@@ -213,41 +216,74 @@ def _read_frame_array(path: Path, indices: IndexSpec) -> torch.Tensor:
 
 @dataclass
 class _PacketIndex:
-    """Presentation timestamps of every video packet (sorted) and, per keyframe, where to seek for it.
+    """Presentation timestamps of every shown frame (sorted) and the keyframes' pts and dts.
 
-    Seeks use the keyframe's decoding timestamp: several demuxers (AVI, MPEG-TS) index by it, and since
-    dts <= pts a backward seek lands on the keyframe or an earlier one under either reading, never after.
+    ``derived`` marks an index built from the container's sample table rather than from the packets: its
+    frame timestamps are inferred, so decoding checks them and falls back to the exact index on a mismatch.
     """
 
     pts: list[int]
     key_pts: list[int]
-    key_seek: list[int]
+    key_dts: list[int]
     start: int  # the smallest timestamp of the stream: a seek there decodes from the very beginning
+    derived: bool = False
 
     def keyframe_before(self, pts: int) -> tuple[int, int]:
-        """(pts, seek timestamp) of the latest keyframe at or before ``pts`` (the first one when none is)."""
+        """(pts, dts) of the latest keyframe at or before ``pts`` (the first one when none is)."""
         k = max(bisect_right(self.key_pts, pts) - 1, 0)
-        return self.key_pts[k], self.key_seek[k]
+        return self.key_pts[k], self.key_dts[k]
+
+
+class _IndexMismatch(Exception):
+    """A derived index does not match the decoded timestamps; the exact packet index is needed."""
 
 
 def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1) -> np.ndarray:
     """PyAV backend: (len(indices), H, W, 3) uint8 (see the module docstring for the strategy)."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaDecodeError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            if threads > 1:
-                stream.thread_type, stream.codec_context.thread_count = "FRAME", threads
-            index = _packet_index(container, stream)
-            if index is None:  # no usable timestamps: count by decoding, in order
-                return _decode_sequential(path, indices)
-            wanted = _resolve_indices(indices, len(index.pts), path)
-            skip = stream.codec_context.name in SKIP_SAFE_CODECS
-            frames = _decode_by_pts(container, stream, index, sorted({index.pts[i] for i in wanted}), skip)
-    except av.FFmpegError as err:
-        raise MediaDecodeError(f"cannot decode video {path}: {err}") from err
-    return _gather(path, frames, [index.pts[i] for i in wanted])
+    for exact in (False, True):
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise MediaDecodeError(f"no video stream in {path}")
+                stream = container.streams.video[0]
+                if threads > 1:
+                    stream.thread_type, stream.codec_context.thread_count = "FRAME", threads
+                index = _packet_index(container, stream) if exact else _container_index(container, stream)
+                if index is None and exact:  # no usable timestamps: count by decoding, in order
+                    return _decode_sequential(path, indices)
+                if index is None:
+                    continue
+                wanted = _resolve_indices(indices, len(index.pts), path)
+                order = [index.pts[i] for i in wanted]
+                return _gather(path, _FrameReader(container, stream, index).read(sorted(set(order))), order)
+        except _IndexMismatch:
+            continue
+        except av.FFmpegError as err:
+            raise MediaDecodeError(f"cannot decode video {path}: {err}") from err
+    raise AssertionError("unreachable: the exact index never raises _IndexMismatch")
+
+
+def _container_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
+    """The frame timestamps from an MP4/MOV sample table, without reading the video's packets.
+
+    The table gives decoding timestamps; presentation ones are taken as the same grid shifted by the first
+    packet's pts - dts (true of constant-rate streams, B-frames or not). None when the table is incomplete
+    or the container is not MP4-like; the decoder verifies the grid against every frame it decodes.
+    """
+    entries = stream.index_entries if "mov" in container.format.name.split(",") else []
+    if not entries or len(entries) != stream.frames:
+        return None
+    shown = [e.timestamp for e in entries if not e.is_discard]
+    key_dts = sorted(e.timestamp for e in entries if e.is_keyframe)
+    first = next((p for p in container.demux(stream) if p.size), None)
+    if first is None or first.pts is None or first.dts is None or not shown or not key_dts:
+        return None
+    offset = first.pts - first.dts
+    pts = sorted(t + offset for t in shown)
+    if pts[0] != first.pts or len(set(pts)) != len(pts):
+        return None
+    start = min(key_dts[0], pts[0], min(shown))
+    return _PacketIndex(pts, [t + offset for t in key_dts], key_dts, start, derived=True)
 
 
 def _packet_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
@@ -265,58 +301,72 @@ def _packet_index(container: av.container.InputContainer, stream: av.VideoStream
     if not pts or not keys or len(set(pts)) != len(pts):
         return None
     keys.sort()
-    start = min(min(pts), min(seek for _, seek in keys))
-    return _PacketIndex(sorted(pts), [k for k, _ in keys], [seek for _, seek in keys], start)
+    start = min(min(pts), min(dts for _, dts in keys))
+    return _PacketIndex(sorted(pts), [k for k, _ in keys], [dts for _, dts in keys], start)
 
 
-def _decode_by_pts(
-    container: av.container.InputContainer,
-    stream: av.VideoStream,
-    index: _PacketIndex,
-    targets: list[int],
-    skip_nonref: bool,
-) -> dict[int, np.ndarray]:
-    """Decode the frames whose pts are ``targets`` (sorted), seeking to keyframes to jump over long gaps."""
-    wanted, frames = set(targets), {}
-    packets, fed_max = None, None  # the current demux iterator and the largest pts fed since the last seek
-    for target in targets:
-        if target in frames:
-            continue
-        keyframe, seek_to = index.keyframe_before(target)
-        if packets is None or fed_max is None or keyframe > fed_max:
-            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
-            packets, fed_max = container.demux(stream), None
-        fed_max = _decode_until(stream, packets, target, wanted, frames, fed_max, skip_nonref)
-        if target not in frames and seek_to != index.start:
-            # The seek landed past the target (imprecise container index): decode from the beginning.
-            container.seek(index.start, stream=stream, backward=True, any_frame=False)
-            packets = container.demux(stream)
-            fed_max = _decode_until(stream, packets, target, wanted, frames, None, skip_nonref)
-    return frames
+class _FrameReader:
+    """Decodes chosen frames of one opened stream, seeking only when a keyframe lies ahead of the target."""
 
+    def __init__(self, container: av.container.InputContainer, stream: av.VideoStream, index: _PacketIndex):
+        self.container, self.stream, self.index = container, stream, index
+        self.known = set(index.pts) if index.derived else None
+        # Frames nothing predicts from can be skipped without changing any other frame.
+        self.skip_nonref = stream.codec_context.name in SKIP_SAFE_CODECS
+        self.frames: dict[int, np.ndarray] = {}
+        self.wanted: set[int] = set()
+        self.packets: Iterator[av.Packet] | None = None
+        self.fed_max: int | None = None  # the largest pts fed to the decoder since the last seek
 
-def _decode_until(
-    stream, packets, target: int, wanted: set[int], frames: dict, fed_max: int | None, skip_nonref: bool
-) -> int | None:
-    """Feed packets until the frame at ``target`` is out, or a later one (missed), or the stream ends.
+    def read(self, targets: list[int]) -> dict[int, np.ndarray]:
+        """{pts: (H, W, 3) uint8} for the sorted ``targets``."""
+        self.wanted = set(targets)
+        for target in targets:
+            if target in self.frames:
+                continue
+            key_pts, key_dts = self.index.keyframe_before(target)
+            if self.packets is None or self.fed_max is None or key_pts > self.fed_max:
+                self._seek(key_pts, (key_pts, key_dts, self.index.start))
+            self._feed_until(target)
+            if target not in self.frames:  # e.g. a container index that points past the keyframe
+                self._seek(self.index.start, (self.index.start,))
+                self._feed_until(target)
+            if target not in self.frames and self.index.derived:
+                raise _IndexMismatch
+        return self.frames
 
-    Returns the largest pts fed so far, which tells the caller whether the next target needs a seek.
-    """
-    codec = stream.codec_context
-    for packet in packets:
-        if packet.size and packet.pts is not None:
-            # Frames nothing predicts from can be skipped without changing any other frame.
-            codec.skip_frame = "NONREF" if skip_nonref and packet.pts not in wanted else "DEFAULT"
-            fed_max = packet.pts if fed_max is None else max(fed_max, packet.pts)
-        last = None
-        for frame in packet.decode():  # every frame of the packet, so none is lost when we stop here
-            last = frame.pts if frame.pts is not None else last
-            if frame.pts in wanted and frame.pts not in frames:
-                frames[frame.pts] = _to_rgb(frame)
-        if target in frames or (last is not None and last > target):
-            return fed_max
-    codec.skip_frame = "DEFAULT"
-    return fed_max
+    def _seek(self, key_pts: int, timestamps: tuple[int, ...]) -> None:
+        """Position on the keyframe at ``key_pts`` (or an earlier one), trying each seek timestamp in turn.
+
+        Demuxers read a seek timestamp differently (MP4 and Matroska as a presentation time, AVI and
+        MPEG-TS as a decoding time); a seek that lands after the keyframe is retried with the next one.
+        """
+        for timestamp in dict.fromkeys(timestamps):
+            self.container.seek(timestamp, stream=self.stream, backward=True, any_frame=False)
+            packets = self.container.demux(self.stream)
+            first = next(packets, None)
+            if first is None or first.pts is None or first.pts <= key_pts:
+                break
+        self.packets = itertools.chain([first] if first is not None else [], packets)
+        self.fed_max = None
+
+    def _feed_until(self, target: int) -> None:
+        """Feed packets until the frame at ``target`` is out, or a later one (missed), or the stream ends."""
+        codec = self.stream.codec_context
+        for packet in self.packets:
+            if packet.size and packet.pts is not None:
+                codec.skip_frame = "NONREF" if self.skip_nonref and packet.pts not in self.wanted else "DEFAULT"
+                self.fed_max = packet.pts if self.fed_max is None else max(self.fed_max, packet.pts)
+            last = None
+            for frame in packet.decode():  # every frame of the packet, so none is lost when we stop here
+                if self.known is not None and frame.pts not in self.known:
+                    raise _IndexMismatch
+                last = frame.pts if frame.pts is not None else last
+                if frame.pts in self.wanted and frame.pts not in self.frames:
+                    self.frames[frame.pts] = _to_rgb(frame)
+            if target in self.frames or (last is not None and last > target):
+                return
+        codec.skip_frame = "DEFAULT"
 
 
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:

@@ -122,18 +122,11 @@ def metrics_from_ranks(ranks: torch.Tensor, n_candidates: int) -> dict[str, floa
         raise ValueError("no queries: cannot compute retrieval metrics from an empty rank vector")
     ranks = ranks.to(torch.float64)
     out: dict[str, float] = {f"r{k}": 100.0 * (ranks < k).double().mean().item() for k in RECALL_AT}
-    out["medr"] = ranks.median().item() + 1.0 if ranks.numel() % 2 else _even_median(ranks) + 1.0
+    out["medr"] = ranks.quantile(0.5).item() + 1.0  # linear interpolation: numpy's median
     out["meanr"] = ranks.mean().item() + 1.0
     out["n_queries"] = int(ranks.numel())
     out["n_candidates"] = int(n_candidates)
     return out
-
-
-def _even_median(values: torch.Tensor) -> float:
-    """Mean of the two middle values (torch.median returns the lower one)."""
-    ordered = values.sort().values
-    mid = values.numel() // 2
-    return ((ordered[mid - 1] + ordered[mid]) / 2).item()
 
 
 def retrieval_metrics(scores: torch.Tensor, targets: Targets, chunk_size: int | None = None) -> dict:

@@ -7,7 +7,8 @@ evaluated against the canonical split size. Nothing is skipped silently (see `Vi
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -104,7 +105,7 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
             "canonical_size": dataset.split.canonical_size, "missing_ids": dataset.missing_ids}
 
 
-def warn_if_incomplete(result: dict[str, Any], name: str) -> Optional[str]:
+def warn_if_incomplete(result: dict[str, Any], name: str) -> str | None:
     expected = result.get("canonical_size") or result.get("n_annotated")
     if expected and result["n_videos"] != expected:
         message = (f"{name}: evaluated {result['n_videos']} videos, but the split has {expected}: "

@@ -3,9 +3,8 @@
 Scores follow the metrics convention (higher = better):
 
 * ``kind="volume"``: score[i, j] = -Vol(text_i, data_1[j], ..., data_{k-1}[j]), the GRAM volume of the
-  k-dimensional parallelotope (same factorisation as ``gram.losses.volume``, with each sample's basis
-  computed once per call rather than once per tile); a smaller volume ranks first. float32 (float64 if
-  any input is float64), whatever the feature dtype.
+  k-dimensional parallelotope (``gram.losses.volume.negative_volume``, the function training uses); a
+  smaller volume ranks first. float32 (float64 if any input is float64), whatever the feature dtype.
 * ``kind="cosine"``: score[i, j] = cos(text_i, data[j]) for a single data modality (T-V, T-A). Inputs are
   L2-normalised here, so unnormalised features still give a true cosine.
 * a callable ``fn(anchor_block (b1, d), *data_blocks (b2, d)) -> (b1, b2)`` used as is (higher = better).
@@ -17,6 +16,7 @@ matrix at all: it ranks both directions in two passes over the tiles (see its do
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from gram.eval.metrics import Targets, metrics_from_ranks, target_lists
-from gram.losses.volume import orthonormal_basis
+from gram.losses.volume import negative_volume
 
 BlockFn = Callable[..., torch.Tensor]
 DEFAULT_CHUNK_SIZE = 512
 KINDS = ("volume", "cosine")
+# Scored target tiles kept while waiting for their thresholds (see _target_tiles_pass).
+MAX_PENDING_TILES = 8
 
 
 @dataclass(frozen=True)
@@ -40,56 +42,24 @@ class _Prepared:
     fn: BlockFn
 
 
-def _volume_inputs(anchor: torch.Tensor, data: tuple[torch.Tensor, ...]) -> _Prepared:
-    """Per-sample orthonormal bases of the data, computed once instead of once per tile.
-
-    Vol(a, x_1..x_m) = Vol(x_1..x_m) * dist(a, span(x_1..x_m)) (the factorisation of
-    ``gram.losses.volume``, whose Gram-Schmidt is reused here). The bases and the negated base volumes
-    are row-aligned with the samples, so tiles slice them like any data tensor.
-    """
-    dtype = torch.float64 if torch.float64 in {x.dtype for x in (anchor, *data)} else torch.float32
-    with torch.no_grad():
-        basis, base_volume = orthonormal_basis(torch.stack([x.to(dtype) for x in data], dim=1))  # (Nv, m, d), (Nv,)
-    per_sample = tuple(q.contiguous() for q in basis.unbind(dim=1))  # m x (Nv, d)
-    return _Prepared(anchor.to(dtype), (*per_sample, base_volume.neg().unsqueeze(1)), _negative_volume_tile)
-
-
-def _negative_volume_tile(anchor: torch.Tensor, *basis_and_volume: torch.Tensor) -> torch.Tensor:
-    """-Vol of a tile from precomputed bases; in-place because evaluation needs no gradient.
-
-    anchor (b1, d); basis_and_volume: m orthonormal basis rows (b2, d) and the negated base volume (b2, 1).
-    dist^2 = |a|^2 - sum_p (a . q_p)^2, clamped at 0 against cancellation. Returns (b1, b2).
-    """
-    *basis, neg_base_volume = basis_and_volume
-    proj_sq = None
-    for q in basis:
-        proj = anchor @ q.T  # (b1, d) @ (d, b2) -> (b1, b2)
-        proj_sq = proj.square_() if proj_sq is None else proj_sq.addcmul_(proj, proj)
-    anchor_sq = anchor.square().sum(-1, keepdim=True)  # (b1, 1)
-    height = torch.sub(anchor_sq, proj_sq, out=proj_sq).clamp_min_(0).sqrt_()  # (b1, b2)
-    return height.mul_(neg_base_volume.T)  # (b1, b2) * (1, b2)
-
-
 def _dot(anchor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Dot products of pre-normalised rows: anchor (b1, d) @ data (b2, d).T -> (b1, b2)."""
     return anchor @ data.T  # (b1, d) @ (d, b2) -> (b1, b2)
 
 
 class _Tiler:
-    """Scores of tiles that all have the same shape; inputs are zero-padded to whole tiles.
+    """Scores of tiles that all have the same shape; ragged last tiles are zero-padded.
 
     BLAS picks kernels (and so summation orders) by matrix shape: with a ragged last tile the same
     feature pair can score differently by an ulp in different tiles, which breaks exact ties (a collapsed
     model would no longer tie everywhere). With one tile shape every tile computes a pair the same way.
-    Pad rows are cropped from the output.
+    Only the last tile's inputs are padded (a (size, d) copy), and pad rows are cropped from the output.
     """
 
     def __init__(self, prepared: _Prepared, chunk_size: int):
-        self.fn = prepared.fn
+        self.fn, self.anchor, self.data = prepared.fn, prepared.anchor, prepared.data
         self.n_rows, self.n_cols = prepared.anchor.shape[0], prepared.data[0].shape[0]
         self.row_size, self.col_size = _tile_side(self.n_rows, chunk_size), _tile_side(self.n_cols, chunk_size)
-        self.anchor = _pad_rows(prepared.anchor, self.row_size)  # (n_row_tiles * row_size, d)
-        self.data = tuple(_pad_rows(x, self.col_size) for x in prepared.data)  # (n_col_tiles * col_size, d)
         self.device = prepared.anchor.device
 
     def row_spans(self) -> list[slice]:
@@ -102,10 +72,17 @@ class _Tiler:
 
     def tile(self, rows: slice, cols: slice) -> torch.Tensor:
         """Scores of anchor[rows] against data[cols]: (len(rows), len(cols))."""
-        padded_rows = slice(rows.start, rows.start + self.row_size)
-        padded_cols = slice(cols.start, cols.start + self.col_size)
-        out = self.fn(self.anchor[padded_rows], *(x[padded_cols] for x in self.data))  # (row_size, col_size)
+        anchor = _padded_block(self.anchor, rows, self.row_size)  # (row_size, d)
+        data = (_padded_block(x, cols, self.col_size) for x in self.data)  # (col_size, d) each
+        out = self.fn(anchor, *data)  # (row_size, col_size)
         return out[: rows.stop - rows.start, : cols.stop - cols.start]
+
+
+def _padded_block(x: torch.Tensor, span: slice, size: int) -> torch.Tensor:
+    """x[span] (n, d) with zero rows appended up to ``size`` rows: (size, d)."""
+    block = x[span]
+    extra = size - block.shape[0]
+    return torch.cat([block, block.new_zeros(extra, x.shape[1])]) if extra else block
 
 
 def _tile_side(n: int, chunk_size: int) -> int:
@@ -116,15 +93,9 @@ def _tile_side(n: int, chunk_size: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n_tiles = -(-n // chunk_size)
-    side = -(-n // max(n_tiles, 1))
+    side = max(1, -(-n // max(n_tiles, 1)))
     rounded = -(-side // 8) * 8
     return side if rounded > chunk_size or n <= 8 else rounded
-
-
-def _pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Append zero rows to x (N, d) up to a multiple of ``size`` rows."""
-    extra = -x.shape[0] % size
-    return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
 
 
 def _prepare(anchor: torch.Tensor, data: Sequence[torch.Tensor], kind: str | BlockFn) -> _Prepared:
@@ -140,7 +111,7 @@ def _prepare(anchor: torch.Tensor, data: Sequence[torch.Tensor], kind: str | Blo
     if callable(kind):
         return _Prepared(anchor, data, kind)
     if kind == "volume":
-        return _volume_inputs(anchor, data)
+        return _Prepared(anchor, data, negative_volume)
     if kind == "cosine":
         if len(data) != 1:
             raise ValueError(f"kind='cosine' scores one data modality, got {len(data)}; use kind='volume'")
@@ -185,7 +156,7 @@ def similarity_matrix(
         if out is None:  # dtype and device of the score function's output, e.g. float32 for bf16 features
             out = tile.new_empty(anchor.shape[0], data[0].shape[0])  # (Nt, Nv)
         out[rows, cols] = tile
-    return out
+    return out if out is not None else anchor.new_zeros(anchor.shape[0], data[0].shape[0])  # an empty side
 
 
 @dataclass(frozen=True)
@@ -200,8 +171,8 @@ class _Pairs:
 def _target_pairs(text_to_video: Targets, n_text: int, n_video: int) -> _Pairs:
     """Flatten the targets into pairs; texts are reordered by their first candidate.
 
-    The reordering puts the correct pairs near the tile diagonal, so the first pass (which visits only
-    tiles holding a correct pair) touches about 2 * N / chunk_size tiles instead of all of them.
+    The reordering puts the correct pairs near the tile diagonal, so a tile holding correct pairs is
+    final (all thresholds of its rows and columns known) soon after it is scored; see _target_tiles_pass.
     """
     lists = target_lists(text_to_video, n_text, n_video)
     order = torch.tensor([min(lst) for lst in lists], dtype=torch.long).argsort(stable=True)  # (Nt,)
@@ -228,20 +199,6 @@ def _pairs_by_tile(pairs: _Pairs, tiler: _Tiler) -> dict[tuple[int, int], tuple[
     return out
 
 
-def _best_target_scores(tiler: _Tiler, by_tile: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: highest correct-pair score per text (Nt,) and per candidate (Nv,), from tiles only."""
-    best_t = torch.full((tiler.n_rows,), float("-inf"), dtype=torch.float64, device=tiler.device)
-    best_v = torch.full((tiler.n_cols,), float("-inf"), dtype=torch.float64, device=tiler.device)
-    spans_t, spans_v = tiler.row_spans(), tiler.col_spans()
-    for (bi, bj), (lr, lc) in by_tile.items():
-        tile = tiler.tile(spans_t[bi], spans_v[bj])  # (br, bc), same slices as pass 2
-        vals = tile[lr, lc].double()  # (p,) the correct pairs of this tile
-        _check_finite(vals)
-        best_t.scatter_reduce_(0, lr + spans_t[bi].start, vals, reduce="amax")
-        best_v.scatter_reduce_(0, lc + spans_v[bj].start, vals, reduce="amax")
-    return best_t, best_v
-
-
 def _check_finite(values: torch.Tensor) -> None:
     """NaN scores cannot be ranked; fail instead of letting comparisons silently rank them first.
 
@@ -252,28 +209,82 @@ def _check_finite(values: torch.Tensor) -> None:
         raise ValueError("score function returned NaN; check the features (zero vectors?) and the volume fn")
 
 
-def _count_pass(tiler: _Tiler, by_tile: dict, best_t, best_v) -> tuple[torch.Tensor, ...]:
-    """Pass 2: per text and per candidate, count non-target scores >= the best correct score.
+class _TwoWayRanker:
+    """Pessimistic ranks of both directions, accumulated tile by tile.
 
-    Tiles are recomputed with the same slices as pass 1, so a correct pair's score is bit-identical in
-    both passes and the pessimistic tie rule is exact.
+    ``best_t[i]`` / ``best_v[j]`` are the best correct-pair scores of text i / candidate j (float64 copies
+    of tile values, so casting back is exact); ``count_t`` / ``count_v`` count the non-target scores
+    >= them. A tile can only be counted once the thresholds of all its rows and columns are final.
     """
-    count_t = torch.zeros(tiler.n_rows, dtype=torch.long, device=tiler.device)
-    count_v = torch.zeros(tiler.n_cols, dtype=torch.long, device=tiler.device)
-    for bi, rows in enumerate(tiler.row_spans()):
-        for bj, cols in enumerate(tiler.col_spans()):
-            tile = tiler.tile(rows, cols)  # (br, bc)
-            _check_finite(tile)
-            # The thresholds are tile values stored in float64, so casting back to the tile dtype is exact.
-            ge_t = tile >= best_t[rows].to(tile.dtype).unsqueeze(1)  # (br, bc) vs (br, 1)
-            ge_v = tile >= best_v[cols].to(tile.dtype).unsqueeze(0)  # (br, bc) vs (1, bc)
-            if (bi, bj) in by_tile:
-                lr, lc = by_tile[(bi, bj)]
-                ge_t[lr, lc] = False  # a correct pair never counts against its own text
-                ge_v[lr, lc] = False
-            count_t[rows] += ge_t.sum(dim=1)
-            count_v[cols] += ge_v.sum(dim=0)
-    return count_t, count_v
+
+    def __init__(self, tiler: _Tiler, by_tile: dict):
+        self.tiler, self.by_tile = tiler, by_tile
+        self.spans_t, self.spans_v = tiler.row_spans(), tiler.col_spans()
+        kw = {"device": tiler.device}
+        self.best_t = torch.full((tiler.n_rows,), float("-inf"), dtype=torch.float64, **kw)
+        self.best_v = torch.full((tiler.n_cols,), float("-inf"), dtype=torch.float64, **kw)
+        self.count_t = torch.zeros(tiler.n_rows, dtype=torch.long, **kw)
+        self.count_v = torch.zeros(tiler.n_cols, dtype=torch.long, **kw)
+
+    def tile(self, key: tuple[int, int]) -> torch.Tensor:
+        """Scores of tile (row block, col block); always the same slices, hence bit-identical values."""
+        tile = self.tiler.tile(self.spans_t[key[0]], self.spans_v[key[1]])  # (br, bc)
+        _check_finite(tile)
+        return tile
+
+    def update_best(self, key: tuple[int, int], tile: torch.Tensor) -> None:
+        """Raise the thresholds with the correct pairs inside this tile."""
+        lr, lc = self.by_tile[key]
+        vals = tile[lr, lc].double()  # (p,)
+        self.best_t.scatter_reduce_(0, lr + self.spans_t[key[0]].start, vals, reduce="amax")
+        self.best_v.scatter_reduce_(0, lc + self.spans_v[key[1]].start, vals, reduce="amax")
+
+    def count(self, key: tuple[int, int], tile: torch.Tensor) -> None:
+        """Add this tile's non-target scores >= the (final) thresholds to both directions' counts."""
+        rows, cols = self.spans_t[key[0]], self.spans_v[key[1]]
+        ge_t = tile >= self.best_t[rows].to(tile.dtype).unsqueeze(1)  # (br, bc) vs (br, 1)
+        ge_v = tile >= self.best_v[cols].to(tile.dtype).unsqueeze(0)  # (br, bc) vs (1, bc)
+        if key in self.by_tile:
+            lr, lc = self.by_tile[key]
+            ge_t[lr, lc] = False  # a correct pair never counts against its own text or candidate
+            ge_v[lr, lc] = False
+        self.count_t[rows] += ge_t.sum(dim=1)
+        self.count_v[cols] += ge_v.sum(dim=0)
+
+
+def _target_tiles_pass(ranker: _TwoWayRanker, max_pending: int) -> set[tuple[int, int]]:
+    """Pass 1: score the tiles holding correct pairs and count each one as soon as it is final.
+
+    A tile is final when every target tile of its row block and of its column block has been scored.
+    With texts sorted by candidate that happens after at most a few tiles, so they are counted straight
+    from memory; tiles evicted beyond ``max_pending`` are left to pass 2, which recomputes them.
+    Returns the tiles already counted.
+    """
+    keys = sorted(ranker.by_tile)
+    left_in_row = Counter(bi for bi, _ in keys)
+    left_in_col = Counter(bj for _, bj in keys)
+    pending: dict[tuple[int, int], torch.Tensor] = {}
+    counted = set()
+    for key in keys:
+        tile = ranker.tile(key)
+        ranker.update_best(key, tile)
+        left_in_row[key[0]] -= 1
+        left_in_col[key[1]] -= 1
+        pending[key] = tile
+        for done in [k for k in pending if left_in_row[k[0]] == 0 and left_in_col[k[1]] == 0]:
+            ranker.count(done, pending.pop(done))
+            counted.add(done)
+        while len(pending) > max_pending:
+            pending.pop(next(iter(pending)))  # oldest first; pass 2 recomputes it
+    return counted
+
+
+def _remaining_tiles_pass(ranker: _TwoWayRanker, counted: set[tuple[int, int]]) -> None:
+    """Pass 2: every tile not counted yet; all thresholds are final by now."""
+    for bi in range(len(ranker.spans_t)):
+        for bj in range(len(ranker.spans_v)):
+            if (bi, bj) not in counted:
+                ranker.count((bi, bj), ranker.tile((bi, bj)))
 
 
 def retrieval_ranks_from_embeddings(
@@ -285,9 +296,12 @@ def retrieval_ranks_from_embeddings(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based pessimistic ranks in both directions without materialising the score matrix.
 
-    Pass 1 scores only the tiles holding a correct pair and keeps each text's and each candidate's
-    best correct score; pass 2 scores every tile and counts, per text (row) and per candidate (column),
-    the non-target scores that are >= that best score. Memory: O(chunk_size**2 + (Nt + Nv)).
+    Pass 1 scores the tiles holding a correct pair, which fixes each text's and each candidate's best
+    correct score; pass 2 scores the other tiles. Every tile adds, per text (row) and per candidate
+    (column), the number of non-target scores >= that best score. Texts are processed sorted by their
+    first candidate so the correct pairs lie near the tile diagonal; then each tile is scored once.
+    Memory: O(MAX_PENDING_TILES * chunk_size**2 + Nt + Nv), plus one (Nt, d) copy of the texts when
+    they are not already sorted by candidate.
 
     Args:
         text: (Nt, d) text features (the anchor).
@@ -303,13 +317,13 @@ def retrieval_ranks_from_embeddings(
     in_order = torch.equal(pairs.order, torch.arange(text.shape[0]))
     anchor = prepared.anchor if in_order else prepared.anchor[pairs.order]  # (Nt, d), copy only if reordered
     tiler = _Tiler(_Prepared(anchor, prepared.data, prepared.fn), chunk_size)
-    by_tile = _pairs_by_tile(pairs, tiler)
+    ranker = _TwoWayRanker(tiler, _pairs_by_tile(pairs, tiler))
     with torch.no_grad():
-        best_t, best_v = _best_target_scores(tiler, by_tile)
-        count_t, count_v = _count_pass(tiler, by_tile, best_t, best_v)
-    t2v = torch.empty_like(count_t, device="cpu")
-    t2v[pairs.order] = count_t.cpu()  # back to the caller's text order
-    return t2v, count_v.cpu()
+        counted = _target_tiles_pass(ranker, MAX_PENDING_TILES)
+        _remaining_tiles_pass(ranker, counted)
+    t2v = torch.empty(text.shape[0], dtype=torch.long)
+    t2v[pairs.order] = ranker.count_t.cpu()  # back to the caller's text order
+    return t2v, ranker.count_v.cpu()
 
 
 def retrieval_metrics_from_embeddings(

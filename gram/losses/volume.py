@@ -17,6 +17,8 @@ Numerics (all computed in float32, or float64 for float64 inputs, with autocast 
 * an all-zero row spans nothing, so every volume involving it is exactly 0, with a zero gradient
   through the zero row's direction. Zero rows are therefore not an error. (L2-normalised embeddings
   are only zero if the encoder produced an exact zero vector.)
+
+``volume`` supports first-order gradients (no double backward), which is all training needs.
 """
 
 from __future__ import annotations
@@ -61,23 +63,21 @@ def _safe_sqrt(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor
     return torch.where(above, torch.where(above, x, torch.ones_like(x)).sqrt(), exact)
 
 
-def orthonormal_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample Gram-Schmidt of x (N, m, d) -> (basis (N, m, d), volume (N,)).
+def orthonormal_basis(vectors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample Gram-Schmidt of m >= 1 tensors (N, d) -> ([q_1, ..., q_m] each (N, d), volume (N,)).
 
-    ``basis[:, p]`` is the unit component of ``x[:, p]`` orthogonal to ``x[:, :p]`` (zero, with a
-    finite gradient, when that component vanishes) and ``volume = prod_p |component_p|`` is the
-    m-dimensional volume of the sample's m vectors. Each projection is applied twice ("twice is
+    ``q_p`` is the unit component of ``vectors[p]`` orthogonal to ``vectors[:p]`` (zero, with a finite
+    gradient, when that component vanishes) and ``volume = prod_p |component_p|`` is the
+    m-dimensional volume of each sample's m vectors. Each projection is applied twice ("twice is
     enough" re-orthogonalisation), which keeps near-collinear inputs accurate. The second pass removes
     only rounding-level components, so its coefficients are treated as constants: that drops an
     O(rounding) term from the gradient but keeps the pass from storing (N, d) tensors for backward.
     """
-    if x.shape[1] == 0:
-        return x, x.new_ones(x.shape[0])
-    eps = torch.finfo(x.dtype).eps
+    eps = torch.finfo(vectors[0].dtype).eps
     basis: list[torch.Tensor] = []
-    norms: list[torch.Tensor] = []
-    for p in range(x.shape[1]):
-        residual = x[:, p]  # (N, d)
+    volume = vectors[0].new_ones(vectors[0].shape[0])  # (N,)
+    for x in vectors:
+        residual = x  # (N, d)
         for q in basis:
             residual = residual - (residual * q).sum(-1, keepdim=True) * q  # (N, d)
         for q in basis:
@@ -85,8 +85,8 @@ def orthonormal_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             residual = residual - coefficient * q  # (N, d)
         norm = _safe_sqrt(residual.square().sum(-1), 0.0)  # (N,)
         basis.append(residual / norm.clamp_min(eps).unsqueeze(-1))  # (N, d)
-        norms.append(norm)
-    return torch.stack(basis, dim=1), torch.stack(norms, dim=-1).prod(-1)
+        volume = volume * norm
+    return basis, volume
 
 
 class _ProjectedVolume(torch.autograd.Function):
@@ -137,23 +137,21 @@ class _ProjectedVolume(torch.autograd.Function):
         return grad_anchor, grad_basis, grad_volume, None, None
 
 
-def _affine_height(anchor: torch.Tensor, basis: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+def _affine_height(anchor: torch.Tensor, basis: Sequence[torch.Tensor], origin: torch.Tensor) -> torch.Tensor:
     """Distance of every a_i - o_j from span(basis_j) -> (N1, N2).
 
-    anchor (N1, d); basis (N2, m, d) orthonormal per sample (m may be 0); origin (N2, d):
+    anchor (N1, d); basis: m >= 0 tensors (N2, d), orthonormal per sample; origin (N2, d):
         |a - o|^2 - sum_p ((a - o) . q_p)^2 = |a|^2 - 2 a.o + |o|^2 - sum_p (a.q_p - o.q_p)^2,
     with every anchor-dependent dot product from GEMMs (plain autograd: used by the baselines only).
     """
-    n1, d = anchor.shape
-    n2, m, _ = basis.shape
+    n1, n2, m = anchor.shape[0], origin.shape[0], len(basis)
     anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
     origin_sq = origin.square().sum(-1).unsqueeze(0)  # (1, N2)
     dist_sq = anchor_sq - 2 * (anchor @ origin.T) + origin_sq  # (N1, d) @ (d, N2) -> (N1, N2)
     if m > 0:
-        flat = basis.transpose(0, 1).reshape(m * n2, d)  # (m*N2, d)
-        proj = (anchor @ flat.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
-        proj = proj - (basis * origin.unsqueeze(1)).sum(-1).T.unsqueeze(0)  # (N1, m, N2) - (1, m, N2)
-        dist_sq = dist_sq - proj.square().sum(1)  # (N1, N2)
+        proj = (anchor @ torch.cat(basis).T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
+        shift = torch.stack([(q * origin).sum(-1) for q in basis])  # (m, N2): o_j . q_jp
+        dist_sq = dist_sq - (proj - shift.unsqueeze(0)).square().sum(1)  # (N1, N2)
     # Below eps * (|a|^2 + |o|^2) the cancellation noise dominates, so only the gradient is cut there.
     return _safe_sqrt(dist_sq, torch.finfo(anchor.dtype).eps * (anchor_sq + origin_sq))
 
@@ -164,10 +162,9 @@ def _signed_volume(anchor: torch.Tensor, data: Sequence[torch.Tensor], sign: flo
     dtype = _compute_dtype([anchor, *data])
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a = anchor.to(dtype)
-        x = torch.stack([t.to(dtype) for t in data], dim=1)  # (N2, m, d)
-        basis, data_volume = orthonormal_basis(x)  # (N2, m, d), (N2,)
-        # Stack the basis as (m*N2, d), sample-minor, so per-p slices of the projections are contiguous.
-        flat = basis.transpose(0, 1).reshape(-1, a.shape[1])  # (m*N2, d)
+        basis, data_volume = orthonormal_basis([t.to(dtype) for t in data])  # m x (N2, d), (N2,)
+        # Concatenated p-major, so each per-p slice of the projections is a contiguous (N1, N2) block row.
+        flat = torch.cat(basis)  # (m*N2, d)
         return _ProjectedVolume.apply(a, flat, data_volume, len(data), sign)  # (N1, N2)
 
 
@@ -204,9 +201,7 @@ def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a = anchor.to(dtype)
         base = data[0].to(dtype)  # (N2, d)
-        edges = base.new_zeros(base.shape[0], 0, base.shape[1])  # (N2, 0, d) for m = 1
-        if len(data) > 1:
-            edges = torch.stack([t.to(dtype) - base for t in data[1:]], dim=1)  # (N2, m-1, d)
-        basis, base_volume = orthonormal_basis(edges)  # (N2, m-1, d), (N2,)
+        edges = [t.to(dtype) - base for t in data[1:]]  # m-1 x (N2, d)
+        basis, base_volume = orthonormal_basis(edges) if edges else ([], base.new_ones(base.shape[0]))
         height = _affine_height(a, basis, base)  # (N1, N2)
         return height * base_volume.unsqueeze(0) / math.factorial(len(data))  # (N1, N2)

@@ -8,7 +8,8 @@ through the same BERT with cross-attention over the data modalities' tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,21 +90,31 @@ class GramModel(nn.Module):
         tokens = encoder(x.flatten(0, 1))  # (B*n, tokens, W)
         return tokens.unflatten(0, (b, n))  # (B, n, tokens, W)
 
-    def pool(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
-        """One vector per sample: [CLS] for text, frame-mean of per-frame [CLS] for vision, token+clip mean for audio."""
-        if ENCODER_OF[modality] == "text":
-            return tokens[:, 0]  # (B, W)
-        if ENCODER_OF[modality] == "vision":
-            return tokens[:, :, 0].mean(dim=1)  # (B, n, 1+P, W) -> (B, W)
-        return tokens.mean(dim=(1, 2))  # (B, n, N, W) -> (B, W)
+    def pool(self, modality: str, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One vector per sample (B, W), by `model.text_pooling` / `model.vision_pooling`; audio: token+clip mean.
 
-    def embed_tokens(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, ..., W) encoder tokens -> (B, D) L2-normalised embedding."""
-        return F.normalize(self.projections[modality](self.pool(modality, tokens)), dim=-1)
+        text: (B, L, W) with its (B, L) mask; vision: (B, n, 1+P, W), per-frame [CLS] or token mean, then the
+        frame mean; audio: (B, n, N, W).
+        """
+        family = ENCODER_OF[modality]
+        if family == "text":
+            if self.cfg.text_pooling == "cls":
+                return tokens[:, 0]
+            weights = mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+            return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        if family == "vision":
+            frames = tokens[:, :, 0] if self.cfg.vision_pooling == "cls" else tokens.mean(dim=2)  # (B, n, W)
+            return frames.mean(dim=1)
+        return tokens.mean(dim=(1, 2))
+
+    def embed_tokens(self, modality: str, tokens: torch.Tensor, x: Any = None) -> torch.Tensor:
+        """(B, ..., W) encoder tokens -> (B, D) L2-normalised embedding (`x`: the input, for the text mask)."""
+        mask = x["attention_mask"] if isinstance(x, dict) else None
+        return F.normalize(self.projections[modality](self.pool(modality, tokens, mask)), dim=-1)
 
     def encode(self, modality: str, x: Any) -> torch.Tensor:
         """(B, D) normalised embedding of one modality's batch input."""
-        return self.embed_tokens(modality, self.encode_tokens(modality, x))
+        return self.embed_tokens(modality, self.encode_tokens(modality, x), x)
 
     def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode("text", text)
@@ -122,7 +133,7 @@ class GramModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- matching
     def condition_tokens(self, tokens: dict[str, torch.Tensor],
-                         modalities: Optional[Sequence[str]] = None) -> torch.Tensor:
+                         modalities: Sequence[str] | None = None) -> torch.Tensor:
         """Concatenated data tokens in the text encoder's width for cross-attention: (B, sum of lengths, H)."""
         parts = []
         for m in modalities or self.modalities:
@@ -152,7 +163,7 @@ class GramModel(nn.Module):
         """
         present = [m for m in ("text", *self.modalities) if m in batch]
         tokens = {m: self.encode_tokens(m, batch[m]) for m in present}
-        embeddings = {m: self.embed_tokens(m, t) for m, t in tokens.items()}
+        embeddings = {m: self.embed_tokens(m, t, batch[m]) for m, t in tokens.items()}
         condition = self.condition_tokens(tokens) if self.cfg.matching_head else None
         return {"embeddings": embeddings, "condition": condition, "text": batch["text"]}
 

@@ -17,8 +17,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,8 +97,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config: dict[str, Any],
-                    train_state: dict[str, Any], keep_last: int, best: bool = False) -> Path:
-    """Collective: every rank writes its RNG state; rank 0 writes the rest, then renames atomically."""
+                    train_state: dict[str, Any], keep_last: int, best: bool = False,
+                    save_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank writes its RNG state (and `save_extra`'s per-rank files, e.g. DeepSpeed's
+    partitioned optimizer); rank 0 writes the rest, then renames the folder into place atomically."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -106,6 +109,9 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
+    if save_extra is not None:
+        save_extra(tmp)
+    barrier()
     if dist.is_main_process():
         save_model(module, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
@@ -135,7 +141,7 @@ def _prune(output_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(folder)
 
 
-def load_train_state(folder: Path) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+def load_train_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(train state, this rank's RNG state or None when the world size changed)."""
     state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=False)
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"

@@ -11,8 +11,9 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from gram import distributed as dist
 from gram.config import GramConfig
 from gram.eval.retrieval import move_to
 from gram.train import checkpoint as ckpt
+from gram.train.engine import build_engine
 from gram.train.launch import all_reduce_min
-from gram.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ class TooManyFailedSamplesError(RuntimeError):
     pass
 
 
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 class StopRequest:
     """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly."""
 
@@ -49,7 +43,7 @@ class StopRequest:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -66,29 +60,17 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, cfg: GramConfig, task: nn.Module, stream, device: torch.device, config_dict: dict,
-                 output_dir: str, evaluate: Optional[Callable[[], dict[str, Any]]] = None, logger=None):
+                 output_dir: str, evaluate: Callable[[], dict[str, Any]] | None = None, logger=None):
         self.cfg, self.tcfg, self.device = cfg, cfg.trainer, device
         self.task, self.stream, self.evaluate_fn = task.to(device), stream, evaluate
         self.config_dict, self.output_dir, self.logger = config_dict, output_dir, logger
-        self.optimizer = build_optimizer(task, self.tcfg)
-        self.scheduler = build_scheduler(self.optimizer, self.tcfg)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.tcfg.precision == "fp16")
-        self.wrapped = self._wrap(task)
+        self.engine = build_engine(task, self.tcfg, device, stream.micro_batch)
         self.step, self.bad_steps, self.best = 0, 0, -math.inf
         self.samples_seen, self.samples_failed, self.failed_paths = 0, 0, set()
 
-    def _wrap(self, task: nn.Module) -> nn.Module:
-        if dist.get_world_size() == 1:
-            return task
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # The matching head's parameters only get gradients from the DAM loss.
-        unused = getattr(task, "dam_weight", 1.0) == 0 and task.model.cfg.matching_head
-        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=unused)
-
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "data": self.stream.state(), "best": self.best,
+        return {"step": self.step, "engine": self.engine.state_dict(), "data": self.stream.state(), "best": self.best,
                 "samples_seen": self.samples_seen, "samples_failed": self.samples_failed,
                 "world_size": dist.get_world_size()}
 
@@ -99,9 +81,8 @@ class Trainer:
             return False
         folder = ckpt.load_weights(self.task, found[-1])
         state, rng = ckpt.load_train_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.engine.load_state_dict(state["engine"])
+        self.engine.load_extra(folder)
         self.stream.load_state(state["data"])
         self.step, self.best = state["step"], state["best"]
         self.samples_seen, self.samples_failed = state["samples_seen"], state["samples_failed"]
@@ -122,7 +103,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
-                             keep_last=self.tcfg.keep_last, best=best)
+                             keep_last=self.tcfg.keep_last, best=best, save_extra=self.engine.save_extra)
 
     # ------------------------------------------------------------------------------------------ steps
     def _micro_batches(self) -> list[dict[str, Any]]:
@@ -151,35 +132,19 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only)."""
         batches, totals = self._micro_batches(), {}
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
-                with autocast_context(self.tcfg.precision, self.device):
-                    losses = self.wrapped(move_to(batch, self.device))
-                self.scaler.scale(losses["loss"] / len(batches)).backward()
+            losses = self.engine.forward_backward(move_to(batch, self.device), len(batches), last=i == len(batches) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / len(batches)
         finite = self._all_finite(totals["loss"])
-        if finite:
-            self._optimizer_step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step(finite)
         self._track_bad_steps(finite)
-        self.scheduler.step()
         self.step += 1
-        return {k: float(v) for k, v in totals.items()} | {"lr": self.scheduler.get_last_lr()[-1],
+        return {k: float(v) for k, v in totals.items()} | {"lr": self.engine.lr(),
                                                            "batch": sum(len(b["ids"]) for b in batches)}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([float(torch.isfinite(loss))], device=self.device)
         return bool(all_reduce_min(flag).item() > 0)
-
-    def _optimizer_step(self) -> None:
-        if self.tcfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.tcfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _track_bad_steps(self, finite: bool) -> None:
         if finite:
@@ -191,7 +156,7 @@ class Trainer:
             raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, the last at step {self.step}; "
                                      f"lower trainer.lr, use trainer.precision=fp32 or bf16, or set trainer.grad_clip")
 
-    def maybe_evaluate(self, final: bool) -> Optional[dict[str, Any]]:
+    def maybe_evaluate(self, final: bool) -> dict[str, Any] | None:
         every = self.tcfg.eval_every
         if self.evaluate_fn is None or not (final or (every and self.step % every == 0)):
             return None
@@ -211,7 +176,7 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------ loop
-    def fit(self) -> Optional[dict[str, Any]]:
+    def fit(self) -> dict[str, Any] | None:
         """Train to `max_steps` (or `stop_after_steps`, or a stop signal), evaluating and saving as configured."""
         from tqdm.auto import tqdm
 
