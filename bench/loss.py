@@ -246,7 +246,7 @@ def main() -> None:
             emb = make_embeddings(batch, k, args.dim, args.device)
             res = bench_case(methods, emb, repeats, args)
             print(format_row(batch, k, res), flush=True)
-    vec, loop = bench_sampling(args.sampling_batch, args.repeats, args.device)
+    vec, loop = bench_sampling(args.sampling_batch, 4 * args.repeats, args.device)
     print(
         f"DAM negative sampling, B={args.sampling_batch} (both directions): vectorised {1e3 * vec:.2f} ms, "
         f"per-sample loop {1e3 * loop:.1f} ms, speed-up {loop / vec:.0f}x"

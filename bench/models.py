@@ -46,7 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text-len", type=int, default=24)
     parser.add_argument("--audio-frames", type=int, default=256, help="fbank frames per clip (tiny)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op CPU threads (default 1: stable timings on a shared machine; 0: torch's)")
     parser.add_argument("--train", action="store_true", help="also time one tiny train step on the CPU")
     parser.add_argument("--full", action="store_true", help="full-size train steps on CUDA (bf16)")
     parser.add_argument("--full-batches", type=int, nargs="+", default=[8, 32])

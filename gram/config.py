@@ -56,6 +56,40 @@ class DatasetConfig:
 
 
 @dataclass
+class ShardsConfig:
+    """Pretraining from shards: a weighted mixture of shard sets (``data.shards`` in the config).
+
+    ``sources``: ``index.json`` paths (or folders holding one) written by ``scripts/make_shards.py``, or
+    brace patterns of tar files. ``weights``: relative sampling weights, one per source (empty: equal).
+    ``shuffle_buffer``: samples shuffled together (whole shards are grouped until they hold this many);
+    memory per loader worker is about (shuffle_buffer + samples per shard) x the mean encoded clip size;
+    0 or 1 keeps each shard's order (shard order is still shuffled). ``samples_per_epoch``: samples per
+    epoch over all ranks (None: the sources' total).
+    """
+
+    sources: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    shuffle_buffer: int = 1000
+    samples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("data.shards.sources is empty: list index.json files written by scripts/make_shards.py")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ValueError(f"data.shards.weights has {len(self.weights)} entries for {len(self.sources)} sources")
+        if any(w <= 0 for w in self.weights):
+            raise ValueError(f"data.shards.weights must all be positive, got {list(self.weights)}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shards.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.shards.samples_per_epoch must be positive or null, got {self.samples_per_epoch}")
+
+    def source_weights(self) -> list[float]:
+        return list(self.weights) if self.weights else [1.0] * len(self.sources)
+
+
+
+@dataclass
 class DataConfig:
     name: str = "sample"
     train: DatasetConfig | None = None
@@ -211,7 +245,7 @@ class GramConfig:
         _one_of(self.mode, ("train", "test"), "mode")
         _require(self.mode != "test" or bool(self.checkpoint), "checkpoint",
                  "mode=test needs checkpoint=PATH (a checkpoint file or a training output dir)")
-        needed = ("train", "test") if self.mode == "train" else ("test",)
+        needed = ("train", "shards", "test") if self.mode == "train" else ("test",)
         _require(any(getattr(self.data, s) is not None for s in needed), "data",
                  f"the dataset config {self.data.name!r} has no {' or '.join(needed)} split for mode={self.mode}")
         for split in (self.data.train, self.data.test):

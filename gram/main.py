@@ -82,7 +82,7 @@ def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
-        if training and cfg.data.train else None
+        if training and cfg.data.train and not cfg.data.shards else None
     test = VideoTextDataset(cfg.data.test, cfg.data, mods, training=False, allow_missing=cfg.eval.allow_missing) \
         if cfg.data.test else None
     return train, test
@@ -143,8 +143,7 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     try:
         result = None
         if cfg.mode == "train":
-            stream = TrainStream(train_set, collate, _local_batch(cfg.data.batch_size, cfg.trainer.grad_accum_steps),
-                                 cfg.data.num_workers, cfg.seed)
+            stream = train_stream(cfg, train_set, collate)
             trainer = Trainer(cfg, task, stream, device, config_dict, str(output_dir),
                               evaluate=evaluate if test_set else None, logger=logger)
             if cfg.trainer.resume:
@@ -161,6 +160,17 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     finally:
         if logger:
             logger.close()
+
+
+def train_stream(cfg: GramConfig, train_set: VideoTextDataset | None, collate: Collator):
+    """Map-style files (`data.train`) or streamed webdataset shards (`data.shards`), behind one interface."""
+    micro_batch = _local_batch(cfg.data.batch_size, cfg.trainer.grad_accum_steps)
+    if cfg.data.shards is None:
+        return TrainStream(train_set, collate, micro_batch, cfg.data.num_workers, cfg.seed)
+    from gram.data.shards import ShardDecoder, ShardStream
+
+    decoder = ShardDecoder(cfg.data, cfg.model.modalities, training=True)
+    return ShardStream(cfg.data.shards, decoder, collate, micro_batch, cfg.data.num_workers, cfg.seed)
 
 
 def _local_batch(global_batch: int, accum: int = 1) -> int:

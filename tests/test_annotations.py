@@ -1,6 +1,7 @@
 """Annotation reader over every shipped GRAM annotation file, malformed inputs, exact media resolution."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,10 @@ def test_resolve_media_rejects_ids_that_name_no_file(tmp_path):
     for bad in ("", "..", "a/.."):
         with pytest.raises(AnnotationError, match="invalid media id"):
             resolve_media(tmp_path, bad, ["mp4"])
+
+
+def test_records_survive_pickling_for_loader_workers(tmp_path):
+    path = _write(tmp_path, [{"video_id": "a", "desc": "x"}, {"video_id": "b", "desc": "y"}])
+    records = read_annotations(path, corrupted=["b"])
+    copy = pickle.loads(pickle.dumps(records))
+    assert list(copy) == list(records) and copy.dropped_ids == ["b"] and copy.source == path

@@ -125,6 +125,11 @@ def test_rerun_reuses_finished_shards_and_rewrites_damaged_ones(sample, tmp_path
     assert again["reused"] == ["shard-000000.tar", "shard-000002.tar"]
     assert again["removed"] == ["shard-000007.tar"]
     assert (tmp_path / "shard-000001.tar").read_bytes() == original  # a shard is a pure function of its samples
+    changed = tmp_path / "changed.json"  # a caption edited in place: only the shard holding it is rewritten
+    records = json.loads(Path(sample["annotations"]["test"]).read_text())
+    records[4]["desc"] += " at dusk"
+    changed.write_text(json.dumps(records))
+    assert build(sample, "test", tmp_path, 3, annotations=changed)["written"] == ["shard-000001.tar"]
 
 
 def test_max_shard_size_bounds_media_bytes(sample, tmp_path):

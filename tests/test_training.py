@@ -51,3 +51,32 @@ def test_resume_is_bitwise_exact(sample_root, tmp_path):
     for key in once:
         assert once[key].equal(split[key]), key
     assert [h["loss"] for h in read_history(tmp_path / "once")] == [h["loss"] for h in read_history(tmp_path / "split")]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gram.train.checkpoint import list_checkpoints
+    from tests.conftest import ROOT
+
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=100000",
+                                                                    "data.batch_size=8"), f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = list_checkpoints(out)
+    assert len(saved) == 1
+    last_step = read_history(out)[-1]["step"]
+    assert saved[0].name == f"step_{last_step:08d}" and 2 <= last_step < 100000
+    assert not (out / "results.json").exists()  # stopped early: no final evaluation

@@ -17,24 +17,17 @@ def det_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
     """Reference: sqrt|det G| of the explicit k x k Gram matrix per (i, j), in float64."""
     a = anchor.double()
     xs = [x.double() for x in data]
-    out = torch.empty(a.shape[0], xs[0].shape[0], dtype=torch.float64)
-    for i in range(a.shape[0]):
-        for j in range(xs[0].shape[0]):
-            vectors = torch.stack([a[i]] + [x[j] for x in xs])  # (k, d)
-            out[i, j] = torch.linalg.det(vectors @ vectors.T).abs().sqrt()  # (k, d) @ (d, k)
-    return out
+    vectors = [a[:, None].expand(-1, xs[0].shape[0], -1)] + [x[None].expand(a.shape[0], -1, -1) for x in xs]
+    stacked = torch.stack(vectors, dim=2)  # (N1, N2, k, d)
+    return torch.linalg.det(stacked @ stacked.transpose(-1, -2)).abs().sqrt()  # (N1, N2, k, k) -> (N1, N2)
 
 
 def det_simplex(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
     """Reference simplex volume: sqrt|det| of the edge Gram matrix (x_p - a) / m!, float64."""
     a = anchor.double()
-    xs = [x.double() for x in data]
-    out = torch.empty(a.shape[0], xs[0].shape[0], dtype=torch.float64)
-    for i in range(a.shape[0]):
-        for j in range(xs[0].shape[0]):
-            edges = torch.stack([x[j] - a[i] for x in xs])  # (m, d)
-            out[i, j] = torch.linalg.det(edges @ edges.T).abs().sqrt() / math.factorial(len(xs))
-    return out
+    edges = torch.stack([x.double()[None] - a[:, None] for x in data], dim=2)  # (N1, N2, m, d)
+    gram = edges @ edges.transpose(-1, -2)  # (N1, N2, m, m)
+    return torch.linalg.det(gram).abs().sqrt() / math.factorial(len(data))
 
 
 def unit(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:

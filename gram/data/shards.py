@@ -7,7 +7,7 @@ Writing (:func:`write_shards`, ``scripts/make_shards.py``)
     extension apart), plus ``<key>.json``: the annotation record (``video_id``, ``captions``, ``subtitle``,
     ``extra``). ``index.json`` lists the shards with their sample counts; ``missing_ids.txt`` the ids skipped
     for want of media. Shards are planned up front and written atomically, so a rerun keeps every finished
-    shard whose content is still the planned one and rewrites only the rest.
+    shard whose members (names and sizes) are still the planned ones and rewrites only the rest.
 
 Reading (:class:`ShardStream`)
     For a training epoch ``e`` every source (a shard set, from its ``index.json``) is cut into passes. Pass
@@ -43,7 +43,7 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gram import distributed as dist
-from gram.config import DataConfig, DatasetConfig
+from gram.config import DataConfig, DatasetConfig, ShardsConfig
 from gram.data.annotations import AnnotationRecord, resolve_media
 from gram.data.audio import MediaError, MediaNotFoundError, NoAudioStreamError, load_audio_clips, silent_clips
 from gram.data.dataset import _sample_seed
@@ -178,22 +178,26 @@ def _write_shard(path: Path, samples: list[_Planned]) -> None:
     os.replace(partial, path)
 
 
-def _tar_members(path: Path) -> list[str] | None:
-    """Member names of a tar (headers only, data is seeked over); None when it cannot be read."""
+def _tar_members(path: Path) -> list[tuple[str, int]] | None:
+    """(name, size) of every member of a tar (headers only, data is seeked over); None when unreadable."""
     try:
         with tarfile.open(path, "r:") as tar:
-            return tar.getnames()
+            return [(member.name, member.size) for member in tar.getmembers()]
     except (OSError, tarfile.TarError):
         return None
 
 
-def _expected_members(samples: list[_Planned]) -> list[str]:
-    """Member names :func:`_write_shard` produces (webdataset writes each sample's fields sorted)."""
-    names = []
+def _expected_members(samples: list[_Planned]) -> list[tuple[str, int]]:
+    """(name, size) of the members :func:`_write_shard` writes (webdataset writes a sample's fields sorted).
+
+    Comparing sizes too makes a rerun rewrite a shard whose media or record changed under the same name.
+    """
+    members = []
     for sample in samples:
-        fields = ["json", *(f"{role}.{p.suffix.lstrip('.').lower()}" for role, p in sample.media.items())]
-        names.extend(f"{sample.key}.{name}" for name in sorted(fields))
-    return names
+        fields = {"json": len(_record_json(sample.record))}
+        fields.update({f"{role}.{p.suffix.lstrip('.').lower()}": p.stat().st_size for role, p in sample.media.items()})
+        members.extend((f"{sample.key}.{name}", fields[name]) for name in sorted(fields))
+    return members
 
 
 def _remove_stale(out_dir: Path, num_shards: int) -> list[str]:
@@ -314,7 +318,7 @@ def _count_samples(path: Path) -> int:
     members = _tar_members(path)
     if members is None:
         raise ShardError(f"cannot read shard {path} (not a tar file?)")
-    return len({wds.tariterators.base_plus_ext(name)[0] for name in members} - {None})
+    return len({wds.tariterators.base_plus_ext(name)[0] for name, _ in members} - {None})
 
 
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
@@ -505,39 +509,6 @@ class ShardDecoder:
 # ============================================================================================== stream
 
 
-@dataclass
-class ShardsConfig:
-    """Pretraining from shards: a weighted mixture of shard sets (``data.shards`` in the config).
-
-    ``sources``: ``index.json`` paths (or folders holding one) written by ``scripts/make_shards.py``, or
-    brace patterns of tar files. ``weights``: relative sampling weights, one per source (empty: equal).
-    ``shuffle_buffer``: samples shuffled together (whole shards are grouped until they hold this many);
-    memory per loader worker is about (shuffle_buffer + samples per shard) x the mean encoded clip size;
-    0 or 1 keeps each shard's order (shard order is still shuffled). ``samples_per_epoch``: samples per
-    epoch over all ranks (None: the sources' total).
-    """
-
-    sources: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    shuffle_buffer: int = 1000
-    samples_per_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ShardError("data.shards.sources is empty: list index.json files written by scripts/make_shards.py")
-        if self.weights and len(self.weights) != len(self.sources):
-            raise ShardError(f"data.shards.weights has {len(self.weights)} entries for {len(self.sources)} sources")
-        if any(w <= 0 for w in self.weights):
-            raise ShardError(f"data.shards.weights must all be positive, got {list(self.weights)}")
-        if self.shuffle_buffer < 0:
-            raise ShardError(f"data.shards.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ShardError(f"data.shards.samples_per_epoch must be positive or null, got {self.samples_per_epoch}")
-
-    def source_weights(self) -> list[float]:
-        return list(self.weights) if self.weights else [1.0] * len(self.sources)
-
-
 @dataclass(frozen=True)
 class _EpochPlan:
     """Everything a loader worker needs to produce its share of one epoch from a resume point."""
@@ -573,7 +544,7 @@ class _ShardIterable(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.plan
         info = get_worker_info()
-        worker = (info.id if info else 0) % p.workers
+        worker = ((info.id if info else 0) + p.batches_done) % p.workers
         start = _worker_batches(p.batches_done, p.workers, worker) * p.micro_batch
         stop = _worker_batches(p.batches, p.workers, worker) * p.micro_batch
         slot = p.rank * p.workers + worker

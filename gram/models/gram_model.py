@@ -90,7 +90,7 @@ class GramModel(nn.Module):
         tokens = encoder(x.flatten(0, 1))  # (B*n, tokens, W)
         return tokens.unflatten(0, (b, n))  # (B, n, tokens, W)
 
-    def pool(self, modality: str, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One vector per sample (B, W), by `model.text_pooling` / `model.vision_pooling`; audio: token+clip mean.
 
         text: (B, L, W) with its (B, L) mask; vision: (B, n, 1+P, W), per-frame [CLS] or token mean, then the
