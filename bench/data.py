@@ -123,7 +123,7 @@ def per_clip_table(clips: dict[str, Path], backends: dict, repeats: int) -> dict
     names = list(backends)
     print(f"\n## Per-clip time, 8 frames -> (8, 3, 224, 224): median wall ms / CPU ms of {repeats} runs\n")
     has_cv = "opencv-seek" in names
-    header = "| clip | video | " + " | ".join(names) + (" | opencv-seek / pyav (wall, CPU) |" if has_cv else "")
+    header = "| clip | video | " + " | ".join(names) + " |" + (" opencv-seek / pyav (wall, CPU) |" if has_cv else "")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     results = {}
@@ -223,11 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         report_targets(results, shared)
 
         print("\n## Loader throughput, shared clips, 8 frames crop_flip 224, batch 4 (second pass)\n")
-        print("| workers | clips/s | busy cores |\n|---|---|---|")
+        print("CPU ms per clip = busy cores / clips per second: the work per clip whatever else runs on the machine.\n")
+        print("| workers | clips/s | busy cores | CPU ms per clip |\n|---|---|---|---|")
         clips = args.loader_clips // 2 if args.quick else args.loader_clips
         for workers in (0, 1, 2):
             rate, busy = loader_throughput(list(shared.values()) or list(generated.values())[:1], workers, clips)
-            print(f"| {workers} | {rate:.1f} | {busy:.2f} |", flush=True)
+            print(f"| {workers} | {rate:.1f} | {busy:.2f} | {1000 * busy / rate:.0f} |", flush=True)
 
 
 def report_targets(results: dict[str, dict[str, tuple]], shared: dict[str, Path]) -> None:

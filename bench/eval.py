@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gram.eval.scoring import DEFAULT_CHUNK_SIZE, retrieval_metrics_from_embeddings
+
 # Naive peak bytes per (query, candidate) pair: the float32 Gram tensor (k*k), its stacked inputs and
 # det workspace (about the same again), the volume matrix and two int64 argsorts.
 NAIVE_BYTES_PER_PAIR = {3: 2 * 9 * 4 + 4 + 2 * 8, 4: 2 * 16 * 4 + 4 + 2 * 8, 5: 2 * 25 * 4 + 4 + 2 * 8}
@@ -85,8 +87,6 @@ def peak_rss_bytes() -> int:
 
 def run_worker(method: str, n: int, dim: int, k: int, chunk_size: int, repeats: int) -> dict:
     """Time one method in this (fresh) process; memory = peak RSS rise over the pre-call RSS."""
-    from gram.eval.scoring import retrieval_metrics_from_embeddings
-
     text, *data = make_inputs(n, dim, k)
     calls = {
         "matmul": lambda: text @ data[0].T,  # (N, d) @ (d, N) -> (N, N)
@@ -133,22 +133,23 @@ def naive_fits(n: int, k: int) -> bool:
 
 def bench_size(n: int, args: argparse.Namespace) -> dict:
     """All methods for one N."""
-    row = {"n": n, "matmul": measure("matmul", n, args), "ours": measure("ours", n, args)}
-    if args.no_naive or not naive_fits(n, args.k):
-        row["naive"] = None
+    row = {"n": n, "matmul": measure("matmul", n, args), "ours": measure("ours", n, args), "naive": None}
+    if args.no_naive:
+        row["skip"] = "skipped (--no-naive)"
+    elif not naive_fits(n, args.k):
+        row["skip"] = f"skipped: needs ~{n * n * NAIVE_BYTES_PER_PAIR[args.k] / 2**30:.0f} GiB"
     else:
         row["naive"] = measure("naive", n, args)
     return row
 
 
-def format_row(row: dict, k: int) -> str:
+def format_row(row: dict) -> str:
     """One table line with the ratios of this run."""
     mm, ours, naive = row["matmul"], row["ours"], row["naive"]
     text = (f"| {row['n']:>6} | {mm['time_s']:8.3f} | {ours['time_s']:8.3f} | {ours['time_s'] / mm['time_s']:6.2f}x "
             f"| {ours['peak_mib']:9.1f} | ")
     if naive is None:
-        est = row["n"] ** 2 * NAIVE_BYTES_PER_PAIR[k] / 2**30
-        return text + f"skipped: needs ~{est:.0f} GiB |" + " - | - | - |"
+        return text + row["skip"] + " | - | - | - | - |"
     return text + (f"{naive['time_s']:8.3f} | {naive['peak_mib']:9.1f} | {naive['time_s'] / ours['time_s']:6.1f}x "
                    f"| {naive['peak_mib'] / max(ours['peak_mib'], 1e-9):6.1f}x | "
                    f"{'yes' if abs(naive['t2v_r1'] - ours['t2v_r1']) < 1e-9 else 'NO'} |")
@@ -160,7 +161,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="N = 500 and 1000, one repeat")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=3, choices=sorted(NAIVE_BYTES_PER_PAIR))
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
@@ -185,7 +186,7 @@ def main() -> None:
           "| naive/ours mem | same R@1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
-        print(format_row(bench_size(n, args), args.k), flush=True)
+        print(format_row(bench_size(n, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class DataConfig:
     name: str = "sample"
     train: DatasetConfig | None = None
     test: DatasetConfig | None = None
+    # Pretraining at scale: stream webdataset shards (scripts/make_shards.py) instead of the `train` split.
+    shards: ShardsConfig | None = None
     # Generate the sample dataset into `sample_dir` when it is missing (the embedded default run).
     generate_sample: bool = False
     sample_dir: str = "data/sample"

@@ -14,6 +14,7 @@ For every video ``<videos>/<id>.<ext>`` (or, with ``--annotations``, every id of
   there is audio, and the error if the file could not be read), plus the ids with no video.
 
 Existing outputs are kept (the script can be re-run after an interruption) unless ``--overwrite``.
+Exit status 1 when any video could not be read (they are listed in the summary and the manifest).
 
     python scripts/prepare_dataset.py --videos downloads/msrvtt --out data/msrvtt \\
         --annotations data/msrvtt/annotations/descs_ret_test.json --reencode --short-side 256

@@ -116,8 +116,13 @@ class VideoTextDataset(Dataset):
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
         record, paths = self.records[index], self.media[index]
         item: dict[str, Any] = {"id": record.video_id, "caption": self.caption(index, generator)}
+        # Depth must use the RGB clip's frames and crop (the reference drew them independently): it restarts
+        # from the generator state the video started from.
+        start_state = generator.get_state()
         try:
             for modality in self.modalities:
+                if modality in ("video", "depth"):
+                    generator.set_state(start_state)
                 item.update(self._load(modality, record, paths, generator))
         except MediaError as error:
             if not self.training:

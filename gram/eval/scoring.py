@@ -27,7 +27,7 @@ from gram.eval.metrics import Targets, metrics_from_ranks, target_lists
 from gram.losses.volume import negative_volume
 
 BlockFn = Callable[..., torch.Tensor]
-DEFAULT_CHUNK_SIZE = 512
+DEFAULT_CHUNK_SIZE = 1024
 KINDS = ("volume", "cosine")
 # Scored target tiles kept while waiting for their thresholds (see _target_tiles_pass).
 MAX_PENDING_TILES = 8

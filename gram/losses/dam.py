@@ -56,28 +56,44 @@ def negative_sampling_probs(logits: torch.Tensor, offset: int, eps: float = _DEF
     return probs
 
 
+_BLOCK = 32  # columns per block of the two-level inverse-CDF search
+
+
+def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """min(value, the largest float below limit), so a right-sided search stays inside the CDF."""
+    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))
+
+
 def _sample_one_per_row(
     logits: torch.Tensor, offset: int, eps: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Draw one column per row from ``negative_sampling_probs`` by inverse-CDF sampling -> (B,).
 
-    Only B uniforms are drawn (multinomial draws B x N exponentials, which dominates its cost): the
-    weights exp(l - max) + eps * sum exp(l - max) are proportional to softmax + eps, the positive's
-    weight is set to exactly 0 before the running sum, so its CDF step is exactly empty and a search
-    can never land on it, whatever the rounding.
+    Only B uniforms are drawn (multinomial draws B x N exponentials, which dominates its cost). The
+    weights exp(l - max) + eps * sum exp(l - max) are proportional to softmax + eps. The search is
+    two-level: running sums over blocks of 32 columns pick a block, then one block's running sum picks
+    the column, so no full-width cumulative sum is needed. The positive's weight is exactly 0 and every
+    search returns the first column whose running sum exceeds a target in [0, total), i.e. a column
+    with positive weight: the positive (and the zero padding) can never be drawn, whatever the rounding.
     """
-    batch = logits.shape[0]
+    batch, total = logits.shape
     rows = torch.arange(batch, device=logits.device)
-    logits = logits.float().contiguous()  # row-major, as the row-wise running sum and search want
-    weights = (logits - logits.amax(dim=1, keepdim=True)).exp_()  # (B, N)
+    blocks = -(-total // _BLOCK)
+    padded = torch.zeros(batch, blocks * _BLOCK, device=logits.device)  # (B, N_pad), zero padding
+    weights = padded[:, :total]  # (B, N) view
+    torch.sub(logits.float(), logits.float().amax(dim=1, keepdim=True), out=weights).exp_()
     weights.add_(weights.sum(dim=1, keepdim=True) * eps)
     weights[rows, rows + offset] = 0.0
-    cdf = weights.cumsum_(dim=1)  # (B, N), non-decreasing
-    total = cdf[:, -1:]  # (B, 1)
-    target = torch.rand(batch, 1, device=logits.device, generator=generator) * total  # (B, 1)
-    # Keep target < total so the search cannot run past the last column with positive weight.
-    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # first column with cdf > target
+    tiles = padded.view(batch, blocks, _BLOCK)  # (B, N_pad / 32, 32)
+    block_cdf = tiles.sum(-1).cumsum_(dim=1)  # (B, blocks)
+    target = torch.rand(batch, 1, device=logits.device, generator=generator) * block_cdf[:, -1:]  # (B, 1)
+    target = _below(target, block_cdf[:, -1:])
+    block = torch.searchsorted(block_cdf, target, right=True)  # (B, 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)  # (B, 1)
+    inner_cdf = tiles[rows, block.squeeze(1)].cumsum(dim=1)  # (B, 32)
+    inner_target = _below((target - before).clamp_min(0), inner_cdf[:, -1:])  # (B, 1)
+    column = torch.searchsorted(inner_cdf, inner_target, right=True)  # (B, 1)
+    return (block * _BLOCK + column).squeeze(1)
 
 
 def sample_hard_negatives(
