@@ -240,8 +240,12 @@ class GramConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # What a reproduction needs and what the paper reports; logged beside our own numbers.
-    experiment: dict[str, Any] = field(default_factory=dict)
+    # Finetuning: start from this checkpoint's weights (a gram checkpoint folder or run dir; convert released
+    # GRAM checkpoints first with scripts/convert_checkpoint.py). Unlike trainer.resume, the step restarts at 0.
+    init_from: str | None = None
+    # What a reproduction needs (base checkpoint, protocol, ...) and the paper's metrics ("expected"), set by
+    # experiment files; the results are reported beside them.
+    reproduction: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("train", "test"), "mode")

@@ -130,8 +130,8 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
         cfg.loss = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LossConfig), saved["loss"]))
     train_set, test_set = datasets(cfg, training=cfg.mode == "train")
     task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
-    if source is not None:
-        ckpt.load_weights(task, source)
+    if source is not None or (cfg.mode == "train" and cfg.init_from):
+        ckpt.load_weights(task, source or cfg.init_from)
     task.to(device)
     logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
 
@@ -155,6 +155,8 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
         if result is not None:
             result.pop("_improved", None)
             result["checkpoint"], result["checkpoint_sha256"] = str(source), checkpoint_hash(source)
+            if cfg.reproduction.get("expected"):
+                result["paper"] = cfg.reproduction["expected"]
             _report({cfg.data.name: result}, output_dir)
         return {cfg.data.name: result} if result is not None else {}
     finally:

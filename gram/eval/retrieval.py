@@ -125,4 +125,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             t2v = " ".join(f"{m[f't2v_{k}']:>9.2f}" for k in METRIC_KEYS)
             v2t = " ".join(f"{m[f'v2t_{k}']:>9.2f}" for k in METRIC_KEYS)
             lines.append(f"{dataset:<14} {scoring:<14} {result['n_videos']:>6} | {t2v} | {v2t}")
+        paper = result.get("paper")
+        if paper:  # the published numbers of this experiment, where the paper gives them
+            cells = {d: " ".join(f"{paper[f'{d}_{k}']:>9.2f}" if f"{d}_{k}" in paper else f"{'-':>9}"
+                                 for k in METRIC_KEYS) for d in ("t2v", "v2t")}
+            lines.append(f"{dataset:<14} {'paper':<14} {'':>6} | {cells['t2v']} | {cells['v2t']}")
     return "\n".join(lines)
