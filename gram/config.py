@@ -197,6 +197,8 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
+    # retrieval: text <-> video ranking; classification: zero-shot, a prompt per class name against each clip.
+    task: str = "retrieval"
     # Which data modalities enter the score: T-V = [video], T-VA = [video, audio], ... (defaults to model's).
     modalities: list[str] | None = None
     # "first": one caption per video, as the reference; "all": every caption is a query.
@@ -205,8 +207,13 @@ class EvalConfig:
     chunk_size: int = 1024
     # Evaluation never skips a test item silently; set this to evaluate what exists and report the count.
     allow_missing: bool = False
+    # Zero-shot classification: class names, the prompt template and the annotation field holding the label.
+    classes: list[str] | None = None
+    prompt: str = "{label}"
+    label_field: str = "label"
 
     def __post_init__(self) -> None:
+        _one_of(self.task, ("retrieval", "classification"), "eval.task")
         _one_of(self.caption_protocol, ("first", "all"), "eval.caption_protocol")
         _require(self.rerank_k >= 0, "eval.rerank_k", "must be >= 0")
 

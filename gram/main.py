@@ -19,6 +19,7 @@ from gram.config import GramConfig, LossConfig, ModelConfig
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
 from gram.data.tokenizer import load_tokenizer
+from gram.eval.classification import evaluate_classification
 from gram.eval.retrieval import evaluate_retrieval, format_table, warn_if_incomplete
 from gram.models.gram_model import GramModel
 from gram.train import checkpoint as ckpt
@@ -136,8 +137,12 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
 
     def evaluate() -> dict[str, Any]:
-        res = evaluate_retrieval(task.model, test_set, collate, cfg.eval, _local_batch(cfg.data.test_batch_size),
-                                 cfg.data.num_workers, device, progress=cfg.logger.progress_bar)
+        batch = _local_batch(cfg.data.test_batch_size)
+        if cfg.eval.task == "classification":
+            res = evaluate_classification(task.model, test_set, collate, cfg.eval, batch, cfg.data.num_workers, device)
+            return {**res["scorings"]["volume"], **res}
+        res = evaluate_retrieval(task.model, test_set, collate, cfg.eval, batch, cfg.data.num_workers, device,
+                                 progress=cfg.logger.progress_bar)
         return flat_result(res)
 
     try:

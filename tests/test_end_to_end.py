@@ -94,3 +94,25 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path, sample_root):
     assert result["n_queries"] == result["n_candidates"] == 24  # both ranks' shards, nothing lost or doubled
     assert {p.name for p in list_checkpoints(out)[-1].iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt"}
     assert "process group: 2 ranks, backend gloo" in (out / "run.log").read_text()
+
+
+def test_dam_reranking_is_a_separate_row_that_only_reorders_the_top_k(trained, sample_root, tmp_path):
+    out, _ = trained
+    result = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={out}", "eval.rerank_k=5"),
+                                output_dir=tmp_path / "rerank"))["sample"]["scorings"]
+    plain, reranked = result["volume"], result["volume+dam"]
+    for direction in ("t2v", "v2t"):  # the top 5 are only reordered among themselves, the rest keeps its order
+        assert reranked[f"{direction}_r5"] == plain[f"{direction}_r5"]
+        assert reranked[f"{direction}_r10"] == plain[f"{direction}_r10"]
+
+
+def test_zero_shot_classification_on_the_sample_labels(trained, sample_root, tmp_path):
+    out, _ = trained
+    result = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={out}", "eval=sample_classes"),
+                                output_dir=tmp_path / "cls"))["sample"]
+    assert result["n_classes"] == 4 and result["n_videos"] == 24
+    assert set(result["scorings"]) == {"volume", "cosine_video", "cosine_audio"}
+    for metrics in result["scorings"].values():
+        assert 0 <= metrics["top1"] <= 100 and 0 <= metrics["map"] <= 100
+        assert metrics["top5"] == 100.0  # 4 classes: the right one is always among the top 5
+    assert "top1" in (tmp_path / "cls" / "results.json").read_text()

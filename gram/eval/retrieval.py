@@ -16,7 +16,9 @@ from gram import distributed as dist
 from gram.config import EvalConfig
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import eval_loader
-from gram.eval.scoring import retrieval_metrics_from_embeddings
+from gram.eval.metrics import retrieval_metrics
+from gram.eval.rerank import rerank_topk
+from gram.eval.scoring import retrieval_metrics_from_embeddings, similarity_matrix
 from gram.models.gram_model import GramModel
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,30 @@ def caption_queries(dataset: VideoTextDataset, protocol: str) -> tuple[list[str]
 
 @torch.no_grad()
 def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, modalities: Sequence[str],
-                batch_size: int, num_workers: int, device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:
-    """{modality: (N, D)} for every item, in dataset order, identical on every rank."""
+                batch_size: int, num_workers: int, device: torch.device, progress: bool = False,
+                keep_condition: bool = False) -> dict[str, torch.Tensor]:
+    """{modality: (N, D)} for every item, in dataset order, identical on every rank.
+
+    With `keep_condition`, also "condition": (N, Lc, H) cross-attention tokens for DAM re-ranking. They are
+    large at full size (1000 clips of 8 frames: ~7 GB in fp32), as in the reference.
+    """
     from tqdm.auto import tqdm
 
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in (*modalities, "condition")}
     loader = eval_loader(dataset, collate, batch_size, num_workers)
     for batch in tqdm(loader, desc="embed test items", disable=not progress, leave=False):
         batch = move_to(batch, device)
+        tokens = {m: model.encode_tokens(m, batch[m]) for m in modalities}
         for m in modalities:
-            parts[m].append(model.encode(m, batch[m]).float())
+            parts[m].append(model.embed_tokens(m, tokens[m], batch[m]).float())
+        if keep_condition:
+            parts["condition"].append(model.condition_tokens(tokens, modalities))
     width = model.cfg.embed_dim
-    return {m: dist.all_gather(torch.cat(p) if p else torch.zeros(0, width, device=device), with_grad=False)
-            for m, p in parts.items()}
+    out = {m: dist.all_gather(torch.cat(p) if p else torch.zeros(0, width, device=device), with_grad=False)
+           for m, p in parts.items() if m != "condition"}
+    if keep_condition:
+        out["condition"] = dist.all_gather(torch.cat(parts["condition"]), with_grad=False)
+    return out
 
 
 @torch.no_grad()
@@ -93,16 +106,47 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
     unknown = [m for m in modalities if m not in model.modalities]
     if unknown:
         raise ValueError(f"eval.modalities {unknown} are not modalities of this model ({list(model.modalities)})")
-    items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device, progress)
+    rerank = cfg.rerank_k > 0 and model.cfg.matching_head
+    items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device, progress,
+                        keep_condition=rerank)
     captions, owners = caption_queries(dataset, cfg.caption_protocol)
     text = embed_texts(model, collate, captions, batch_size, device)
     results = {name: retrieval_metrics_from_embeddings(text, [items[m] for m in mods], owners, kind=kind,
                                                        chunk_size=cfg.chunk_size)
                for name, (kind, mods) in scorings(modalities).items()}
+    if rerank:  # a separate row: embedding-only and re-ranked numbers are never mixed
+        tokens = collate.tokenize(captions, collate.max_text_len)
+        results["volume+dam"] = dam_reranked_metrics(model, text, [items[m] for m in modalities], owners,
+                                                     items["condition"], move_to(tokens, device), cfg)
     model.train(was_training)
     return {"scorings": results, "modalities": ["text", *modalities], "caption_protocol": cfg.caption_protocol,
             "n_videos": len(dataset), "n_captions": len(captions), "n_annotated": dataset.num_annotated,
             "canonical_size": dataset.split.canonical_size, "missing_ids": dataset.missing_ids}
+
+
+@torch.no_grad()
+def dam_reranked_metrics(model: GramModel, text: torch.Tensor, data: list[torch.Tensor], owners: list[int],
+                         condition: torch.Tensor, tokens: dict[str, torch.Tensor], cfg: EvalConfig) -> dict[str, float]:
+    """Both directions after re-ranking each query's top-`rerank_k` volume candidates by the matching head.
+
+    text (Nt, D), data [(Nv, D)], condition (Nv, Lc, H), tokens {"input_ids", "attention_mask"}: (Nt, L).
+    """
+    scores = similarity_matrix(text, data, kind="volume", chunk_size=cfg.chunk_size)  # (Nt, Nv), -volume
+
+    def match_probability(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t, v = t.to(condition.device), v.to(condition.device)
+        logits = model.match(tokens["input_ids"][t], tokens["attention_mask"][t], condition[v])  # (P, 2)
+        return logits.float().softmax(dim=-1)[:, 1]
+
+    t2v = rerank_topk(scores, cfg.rerank_k, match_probability)
+    v2t = rerank_topk(scores.T, cfg.rerank_k, lambda v, t: match_probability(t, v))
+    videos_of_text = [[j] for j in owners]
+    texts_of_video = [[] for _ in range(scores.shape[1])]
+    for i, j in enumerate(owners):
+        texts_of_video[j].append(i)
+    out = {f"t2v_{k}": v for k, v in retrieval_metrics(t2v, videos_of_text).items()}
+    out.update({f"v2t_{k}": v for k, v in retrieval_metrics(v2t, texts_of_video).items()})
+    return out
 
 
 def warn_if_incomplete(result: dict[str, Any], name: str) -> str | None:
@@ -121,6 +165,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
               + " | " + " ".join(f"v2t_{k:<5}" for k in METRIC_KEYS))
     lines = [header, "-" * len(header)]
     for dataset, result in results.items():
+        if "n_classes" in result:  # zero-shot classification
+            lines += [f"{dataset:<14} {scoring:<14} {result['n_videos']:>6} | top1 {m['top1']:.2f}  top5 {m['top5']:.2f}"
+                      f"  mAP {m['map']:.2f}  ({result['n_classes']} classes)" for scoring, m in result["scorings"].items()]
+            continue
         for scoring, m in result["scorings"].items():
             t2v = " ".join(f"{m[f't2v_{k}']:>9.2f}" for k in METRIC_KEYS)
             v2t = " ".join(f"{m[f'v2t_{k}']:>9.2f}" for k in METRIC_KEYS)
