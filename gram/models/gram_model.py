@@ -53,7 +53,9 @@ class GramModel(nn.Module):
         # meta device (a weightless build; BEATs then takes its architecture from cfg.audio, not the file's cfg).
         meta = "meta" if building_on_meta() else None
         audio_cfg = dataclasses.replace(cfg.audio, weights=None) if meta else cfg.audio
-        builders = {"text": lambda: build_text_encoder(cfg.text, device=meta),
+        # Without the matching head nothing reads the cross-attention blocks (and DDP rejects unused parameters).
+        text_cfg = cfg.text if cfg.matching_head else dataclasses.replace(cfg.text, cross_attention=False)
+        builders = {"text": lambda: build_text_encoder(text_cfg, device=meta),
                     "vision": lambda: build_vision_encoder(cfg.vision, device=meta),
                     "audio": lambda: build_beats(audio_cfg)}
         self.encoders = nn.ModuleDict({name: builders[name]() for name in sorted(families)})
