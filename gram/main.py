@@ -195,9 +195,10 @@ def _report(results: dict[str, Any], output_dir: Path) -> None:
         warning = warn_if_incomplete(result, name)
         if warning:
             result["warning"] = warning
-    table = format_table(results)
-    print(table, flush=True)
-    log.info("results\n%s", table)
+    print(format_table(results), flush=True)
+    for name, result in results.items():  # the log file gets the numbers; the console already has the table
+        log.info("results %s: %s", name, " ".join(f"{k}={v:.4g}" for k, v in result.items()
+                                                  if isinstance(v, (int, float)) and not isinstance(v, bool)))
     path = output_dir / "results.json"
     path.write_text(json.dumps(results, indent=2))
     log.info("wrote %s", path)

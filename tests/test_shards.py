@@ -304,7 +304,7 @@ def test_resume_gives_the_same_next_batches(sample, train_shards, test_shards):
 
 
 def test_config_and_layout_errors(train_shards, test_shards):
-    with pytest.raises(ShardError, match="weights"):
+    with pytest.raises(ValueError, match="weights"):
         ShardsConfig(sources=[str(train_shards)], weights=[1.0, 2.0])
     with pytest.raises(ShardError, match="index"):
         load_shard_set(str(Path(train_shards).parent / "nowhere"))

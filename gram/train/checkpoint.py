@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import _remove_duplicate_names, load_model, save_file
 from torch import nn
 
 from gram import distributed as dist
@@ -81,6 +81,26 @@ def load_weights(module: nn.Module, checkpoint: str | Path, strict: bool = True)
     return folder
 
 
+def save_weights(module: nn.Module, path: Path) -> None:
+    """`safetensors.torch.save_model`, but from CPU copies: DeepSpeed ZeRO turns parameters into views of one flat
+    buffer, which safetensors refuses to save. Real aliases (one tensor under several names) stay aliases, so
+    the duplicate names are dropped exactly as `save_model` drops them and `load_model` reads the file back."""
+    copies: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True).contiguous()
+        state[name] = copies[key]
+    aliases = _remove_duplicate_names(state)
+    metadata = {}
+    for kept, names in aliases.items():
+        for name in names:
+            metadata[name] = kept
+            del state[name]
+    save_file(state, str(path), metadata={"format": "pt", **metadata})
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -113,7 +133,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
         save_extra(tmp)
     barrier()
     if dist.is_main_process():
-        save_model(module, str(tmp / WEIGHTS))
+        save_weights(module, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         torch.save(train_state, tmp / TRAIN_STATE)
         shutil.rmtree(final, ignore_errors=True)

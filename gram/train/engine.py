@@ -97,6 +97,24 @@ def deepspeed_config(cfg: TrainerConfig, micro_batch: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _broadcast_scalars_safely(engine_class):
+    """DeepSpeed 0.19 broadcasts parameters through a uint8 view, which fails for 0-dim tensors such as the
+    learnable temperature; broadcast rank 0's parameters directly instead (what DDP does) while it initialises."""
+    import torch.distributed as torch_dist
+
+    def broadcast_from_rank0(engine) -> None:
+        for param in engine.module.parameters():
+            torch_dist.broadcast(param.data, src=0)
+
+    original = engine_class._broadcast_model
+    engine_class._broadcast_model = broadcast_from_rank0
+    try:
+        yield
+    finally:
+        engine_class._broadcast_model = original
+
+
 class DeepSpeedEngine:
     """ZeRO-1/2: parameters stay whole on every rank, optimizer state (and gradients for 2) are partitioned."""
 
@@ -108,9 +126,10 @@ class DeepSpeedEngine:
         self.task, self.cfg, self.device = task, cfg, device
         optimizer = build_optimizer(task, cfg)
         scheduler = build_scheduler(optimizer, cfg)
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=task, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, micro_batch),
-            dist_init_required=False)
+        with _broadcast_scalars_safely(deepspeed.runtime.engine.DeepSpeedEngine):
+            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=task, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, micro_batch),
+                dist_init_required=False)
 
     def forward_backward(self, batch: dict[str, Any], num_micro: int, last: bool) -> dict[str, torch.Tensor]:
         """DeepSpeed casts the model for bf16/fp16 itself, scales by the accumulation steps and steps the

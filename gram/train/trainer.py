@@ -209,7 +209,7 @@ class Trainer:
         if dist.is_main_process():
             with open(Path(self.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        if self.step % self.tcfg.log_every and self.step != 1:
+        if self.step % self.tcfg.log_every and self.step not in (1, self.tcfg.max_steps):
             return
         parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         log.info("step %d/%d %s", self.step, self.tcfg.max_steps, parts)
