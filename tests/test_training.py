@@ -80,3 +80,28 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_root, tmp_path):
     last_step = read_history(out)[-1]["step"]
     assert saved[0].name == f"step_{last_step:08d}" and 2 <= last_step < 100000
     assert not (out / "results.json").exists()  # stopped early: no final evaluation
+
+
+LOSS_CURVE = ("trainer.max_steps=10", "data.batch_size=8", "trainer.log_every=1", "trainer.eval_every=0")
+
+
+def test_loss_curve_matches_the_stored_one(sample_root, tmp_path):
+    """Any change to the numbers of this tiny deterministic run shows here and must be explained in the commit.
+
+    Regenerate with GRAM_UPDATE_LOSS_CURVE=1 after an intended change.
+    """
+    import os
+
+    from tests.conftest import ROOT
+
+    run(compose_config(*sample_overrides(sample_root, *LOSS_CURVE), output_dir=tmp_path))
+    curve = [{k: h[k] for k in ("step", "contrastive", "dam", "loss")} for h in read_history(tmp_path)]
+    asset = ROOT / "tests" / "assets" / "loss_curve.json"
+    if os.environ.get("GRAM_UPDATE_LOSS_CURVE") == "1":
+        asset.write_text(json.dumps({"overrides": list(LOSS_CURVE), "curve": curve}, indent=1) + "\n")
+    stored = json.loads(asset.read_text())
+    assert stored["overrides"] == list(LOSS_CURVE)
+    assert [h["step"] for h in curve] == [h["step"] for h in stored["curve"]]
+    for got, want in zip(curve, stored["curve"]):
+        for key in ("contrastive", "dam", "loss"):  # float tolerance for other CPUs' BLAS
+            assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-5), (got["step"], key, got, want)
