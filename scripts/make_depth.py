@@ -12,8 +12,8 @@ reference used ChronoDepth (a video diffusion model) and saved `.npy` frame arra
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import av
 import numpy as np
