@@ -3,6 +3,7 @@ DeepSpeed ZeRO-1/2 trains to the same weights as DDP."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,10 +39,15 @@ def assert_close(a, b, atol):
 
 
 @pytest.fixture(scope="module")
-def ddp_weights(sample_root, tmp_path_factory):
+def ddp_run(sample_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     torchrun(out, sample_overrides(sample_root, *COMMON), port=29541)
-    return final_weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_weights(ddp_run):
+    return final_weights(ddp_run)
 
 
 def test_ddp_equals_one_process_with_the_same_global_batch(ddp_weights, sample_root, tmp_path):
@@ -56,3 +62,17 @@ def test_deepspeed_zero_matches_ddp(stage, ddp_weights, sample_root, tmp_path):
              port=29550 + stage)
     assert_close(final_weights(out), ddp_weights, atol=1e-4)
     assert (list_checkpoints(out)[-1] / "deepspeed").is_dir()  # partitioned optimizer state saved per rank
+
+
+def test_distributed_evaluation_of_an_uneven_split_equals_one_process(ddp_run, sample_root, tmp_path):
+    records = json.loads((sample_root / "annotations" / "test.json").read_text())[:23]  # 12 + 11 per rank
+    subset = tmp_path / "test23.json"
+    subset.write_text(json.dumps(records))
+    common = ("mode=test", f"checkpoint={ddp_run}", f"data.test.annotations={subset}", "data.test.canonical_size=23")
+    # Per-rank batches of 6 under torchrun (global 12) and batches of 6 in one process: identical batches.
+    torchrun(tmp_path / "two", sample_overrides(sample_root, *common, "data.test_batch_size=12"), port=29545)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["sample"]
+    one = run(compose_config(*sample_overrides(sample_root, *common, "data.test_batch_size=6"),
+                             output_dir=tmp_path / "one"))["sample"]
+    assert two["n_queries"] == one["n_queries"] == 23 == two["n_candidates"]
+    assert two["scorings"] == json.loads(json.dumps(one["scorings"]))

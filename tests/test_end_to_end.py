@@ -87,7 +87,11 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path, sample_root):
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=3"), f"output_dir={out}"]
+           # gradient checkpointing in every encoder together with DDP (the reference had to drop DDP), under bf16
+           str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=3", "trainer.precision=bf16",
+                                                   "model.vision.grad_checkpointing=true",
+                                                   "model.audio.grad_checkpointing=true",
+                                                   "model.text.grad_checkpointing=true"), f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())["sample"]
