@@ -72,7 +72,7 @@ def test_text_matches_training_path(predictor, reference):
 
 
 def test_video_and_audio_match_training_path(predictor, reference):
-    media = reference["dataset"].media
+    media = reference["dataset"].media_paths
     videos = [p.video for p in media]
     audios = [p.audio or p.video for p in media]  # separate file, else the video's own track (as the dataset)
     assert any(p.audio is None for p in media) and any(p.audio is not None for p in media)
@@ -88,20 +88,20 @@ def test_embed_split_matches_training_path(predictor, reference, sample_root):
 
 
 def test_embeddings_are_normalised_and_item_specific(predictor, reference):
-    video = predictor.encode_video([p.video for p in reference["dataset"].media[:4]])
+    video = predictor.encode_video([p.video for p in reference["dataset"].media_paths[:4]])
     assert torch.allclose(video.norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.cdist(video, video).triu(1)[torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)].min() > 1e-4
 
 
 def test_results_do_not_depend_on_batch_size(trained, reference):
     small = load_model(trained, batch_size=2)
-    videos = [p.video for p in reference["dataset"].media[:5]]
+    videos = [p.video for p in reference["dataset"].media_paths[:5]]
     assert torch.allclose(small.encode_video(videos), reference["video"][:5], atol=ATOL)
     assert torch.allclose(small.encode_text(reference["captions"][:5]), reference["text"][:5], atol=ATOL)
 
 
 def test_tensor_inputs_match_files(predictor, reference):
-    media = reference["dataset"].media[0]
+    media = reference["dataset"].media_paths[0]
     frames = decode_frames(media.video, list(range(30))).permute(0, 3, 1, 2)  # (30, 3, H, W) uint8, the whole clip
     ready = predictor.video_input(media.video)  # (4, 3, S, S) float, model-ready
     by_path, by_frames, by_ready = predictor.encode_video([media.video, frames, ready])

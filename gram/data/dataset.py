@@ -13,9 +13,11 @@ Batch layout (B samples; `n_v` frames, `n_a` audio clips):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from torch.utils.data import Dataset
 
 from gram.config import DataConfig, DatasetConfig
 from gram.data.annotations import AnnotationRecord, read_annotations, resolve_media
-from gram.data.audio import MediaError, NoAudioStreamError, load_audio_clips, silent_clips
+from gram.data.audio import MediaError, MediaNotFoundError, NoAudioStreamError, load_audio_clips, silent_clips
 from gram.data.video import VideoTransform, load_video_frames
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,74 @@ def _sample_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+MediaSource = Callable[[str], AbstractContextManager[Path | None]]
+
+
+class ItemBuilder:
+    """One training/evaluation item from an annotation record and its media, wherever the media live.
+
+    `media(role)` is a context manager giving a local file for "video", "depth" or "audio" (for audio: the audio
+    file, else the video with its own track), or None when there is none. Files (`VideoTextDataset`) and streamed
+    shards (`gram.data.shards`) both build their items here, so they give identical items.
+    """
+
+    def __init__(self, data: DataConfig, modalities: Sequence[str], training: bool):
+        self.data, self.modalities, self.training = data, tuple(modalities), training
+        self.num_frames = data.num_frames if training else data.test_num_frames
+        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+
+    def __call__(self, record: AnnotationRecord, media: MediaSource,
+                 generator: torch.Generator) -> dict[str, Any]:
+        item: dict[str, Any] = {"id": record.video_id, "caption": self.caption(record, generator)}
+        # Depth must use the RGB clip's frames and crop (the reference drew them independently): both start
+        # from the same generator state.
+        start_state = generator.get_state()
+        try:
+            for modality in self.modalities:
+                if modality in ("video", "depth"):
+                    generator.set_state(start_state)
+                item.update(self._load(modality, record, media, generator))
+        except MediaError as error:
+            if not self.training:
+                raise
+            return {"id": record.video_id, "failed": str(error)}
+        return item
+
+    def caption(self, record: AnnotationRecord, generator: torch.Generator) -> str:
+        """A random caption in training (drawn first from the generator), the first one in evaluation."""
+        if self.training and len(record.captions) > 1:
+            return record.captions[int(torch.randint(len(record.captions), (1,), generator=generator))]
+        return record.captions[0]
+
+    def _load(self, modality: str, record: AnnotationRecord, media: MediaSource,
+              generator: torch.Generator) -> dict[str, Any]:
+        if modality in ("video", "depth"):
+            with media(modality) as path:
+                if path is None:
+                    raise MediaNotFoundError(f"{record.video_id}: no {modality} file")
+                return {modality: load_video_frames(path, self.num_frames, self.training, self.transform,
+                                                    generator=generator)}
+        if modality == "subtitle":
+            return {"subtitle": record.subtitle or ""}
+        if modality == "audio":
+            return self._audio(record, media, generator)
+        raise ValueError(f"unknown modality {modality!r}")
+
+    def _audio(self, record: AnnotationRecord, media: MediaSource, generator: torch.Generator) -> dict[str, Any]:
+        """A clip without any audio gets the defined silent input and a False mask."""
+        d = self.data
+        try:
+            with media("audio") as path:
+                if path is None:
+                    raise NoAudioStreamError(f"{record.video_id}: no audio file and no video")
+                clips = load_audio_clips(path, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
+                                         training=self.training, generator=generator)
+            return {"audio": clips, "audio_mask": True}
+        except NoAudioStreamError:
+            return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),
+                    "audio_mask": False}
+
+
 class VideoTextDataset(Dataset):
     """Annotation records plus the media they point to, loaded for the requested data modalities."""
 
@@ -65,10 +135,9 @@ class VideoTextDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.records = read_annotations(split.annotations, corrupted=split.corrupted)
         self.num_annotated = len(self.records)
-        self.media = [self._resolve(r) for r in self.records]
+        self.media_paths = [self._resolve(r) for r in self.records]
         self._check_complete(allow_missing)
-        self.num_frames = data.num_frames if training else data.test_num_frames
-        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+        self.build = ItemBuilder(data, modalities, training)
 
     def _resolve(self, record: AnnotationRecord) -> MediaPaths:
         s = self.split
@@ -87,7 +156,7 @@ class VideoTextDataset(Dataset):
 
     def _check_complete(self, allow_missing: bool) -> None:
         """Training drops (and logs) items without media; evaluation refuses to run on an incomplete split."""
-        missing = [i for i, p in enumerate(self.media) if self._is_missing(p)]
+        missing = [i for i, p in enumerate(self.media_paths) if self._is_missing(p)]
         self.missing_ids = [self.records[i].video_id for i in missing]
         if not missing:
             return
@@ -98,7 +167,7 @@ class VideoTextDataset(Dataset):
                     self.split.annotations, len(ids), len(self.records), ids[0])
         drop = set(missing)
         self.records = [r for i, r in enumerate(self.records) if i not in drop]
-        self.media = [p for i, p in enumerate(self.media) if i not in drop]
+        self.media_paths = [p for i, p in enumerate(self.media_paths) if i not in drop]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,57 +175,14 @@ class VideoTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def caption(self, index: int, generator: torch.Generator) -> str:
-        captions = self.records[index].captions
-        if self.training and len(captions) > 1:
-            return captions[int(torch.randint(len(captions), (1,), generator=generator))]
-        return captions[0]
+    def media(self, index: int) -> MediaSource:
+        paths = self.media_paths[index]
+        files = {"video": paths.video, "depth": paths.depth, "audio": paths.audio or paths.video}
+        return lambda role: contextlib.nullcontext(files[role])
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
-        record, paths = self.records[index], self.media[index]
-        item: dict[str, Any] = {"id": record.video_id, "caption": self.caption(index, generator)}
-        # Depth must use the RGB clip's frames and crop (the reference drew them independently): it restarts
-        # from the generator state the video started from.
-        start_state = generator.get_state()
-        try:
-            for modality in self.modalities:
-                if modality in ("video", "depth"):
-                    generator.set_state(start_state)
-                item.update(self._load(modality, record, paths, generator))
-        except MediaError as error:
-            if not self.training:
-                raise
-            return {"id": record.video_id, "failed": str(error)}
-        return item
-
-    def _load(self, modality: str, record: AnnotationRecord, paths: MediaPaths,
-              generator: torch.Generator) -> dict[str, Any]:
-        if modality == "video":
-            return {"video": load_video_frames(paths.video, self.num_frames, self.training, self.transform,
-                                               generator=generator)}
-        if modality == "depth":
-            return {"depth": load_video_frames(paths.depth, self.num_frames, self.training, self.transform,
-                                               generator=generator)}
-        if modality == "subtitle":
-            return {"subtitle": record.subtitle or ""}
-        if modality == "audio":
-            return self._load_audio(paths, generator)
-        raise ValueError(f"unknown modality {modality!r}")
-
-    def _load_audio(self, paths: MediaPaths, generator: torch.Generator) -> dict[str, Any]:
-        """Separate audio file first, else the video's own track; a clip without any audio gets silence + mask."""
-        d = self.data
-        source = paths.audio or paths.video
-        try:
-            if source is None:
-                raise NoAudioStreamError(f"no audio file and no video for this item in {self.split.audio_dir}")
-            clips = load_audio_clips(source, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
-                                     training=self.training, generator=generator)
-            return {"audio": clips, "audio_mask": True}
-        except NoAudioStreamError:
-            return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),
-                    "audio_mask": False}
+        return self.build(self.records[index], self.media(index), generator)
 
 
 class Collator:

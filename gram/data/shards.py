@@ -55,9 +55,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from gram import distributed as dist
 from gram.config import DataConfig, DatasetConfig, ShardsConfig
 from gram.data.annotations import AnnotationRecord, resolve_media
-from gram.data.audio import MediaError, MediaNotFoundError, NoAudioStreamError, load_audio_clips, silent_clips
-from gram.data.dataset import _sample_seed
-from gram.data.video import VideoTransform, load_video_frames
+from gram.data.audio import MediaError
+from gram.data.dataset import ItemBuilder, _sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +431,7 @@ def _spooled(data: bytes, ext: str) -> Iterator[Path]:
 
 
 class ShardDecoder:
-    """Raw shard sample -> the item dict of :meth:`VideoTextDataset.__getitem__` (same functions, same values).
+    """Raw shard sample -> the item dict of :meth:`VideoTextDataset.__getitem__` (the same `ItemBuilder`).
 
     Items: ``{"id", "caption", "video": (n, 3, S, S), "audio": (n_a, T, F), "audio_mask", "subtitle",
     "depth"}`` for the requested modalities, or ``{"id", "failed": message}`` in training when a member
@@ -440,70 +439,29 @@ class ShardDecoder:
     """
 
     def __init__(self, data: DataConfig, modalities: Sequence[str], training: bool):
-        self.data, self.modalities, self.training = data, tuple(modalities), training
-        self.num_frames = data.num_frames if training else data.test_num_frames
-        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+        self.build = ItemBuilder(data, modalities, training)
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         record = AnnotationRecord(**json.loads(sample["json"]))
-        item: dict[str, Any] = {"id": record.video_id, "caption": self._caption(record, generator)}
-        try:
-            for modality in self.modalities:
-                item.update(self._load(modality, sample, record, generator))
-        except MediaError as error:
-            if not self.training:
-                raise
-            return {"id": record.video_id, "failed": str(error)}
-        return item
+        return self.build(record, lambda role: _member_file(sample, role), generator)
 
-    def _caption(self, record: AnnotationRecord, generator: torch.Generator) -> str:
-        """A random caption in training (drawn first from the generator, as the map-style dataset does)."""
-        if self.training and len(record.captions) > 1:
-            return record.captions[int(torch.randint(len(record.captions), (1,), generator=generator))]
-        return record.captions[0]
 
-    def _load(self, modality: str, sample: dict[str, Any], record: AnnotationRecord,
-              generator: torch.Generator) -> dict[str, Any]:
-        if modality in ("video", "depth"):
-            return {modality: self._frames(sample, modality, generator)}
-        if modality == "subtitle":
-            return {"subtitle": record.subtitle or ""}
-        if modality == "audio":
-            return self._audio(sample, generator)
-        raise ValueError(f"unknown modality {modality!r}")
-
-    def _where(self, sample: dict[str, Any], name: str) -> str:
-        return f"{sample.get('__url__')}:{sample['__key__']}.{name}"
-
-    def _frames(self, sample: dict[str, Any], role: str, generator: torch.Generator) -> torch.Tensor:
-        """(n, 3, S, S) float32 frames of the ``role`` member."""
-        member = _member(sample, role)
-        if member is None:
-            raise MediaNotFoundError(f"{self._where(sample, role)}: the sample has no {role} member")
-        ext, data = member
-        try:
-            with _spooled(data, ext) as path:
-                return load_video_frames(path, self.num_frames, self.training, self.transform, generator=generator)
-        except MediaError as err:
-            raise type(err)(f"{self._where(sample, f'{role}.{ext}')}: {err}") from err
-
-    def _audio(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """The audio member, else the video's own track; no audio at all gives silence and a False mask."""
-        d = self.data
-        role = "audio" if _member(sample, "audio") is not None else "video"
-        member = _member(sample, role)
-        try:
-            if member is None:
-                raise NoAudioStreamError(f"{self._where(sample, 'audio')}: no audio or video member")
-            with _spooled(member[1], member[0]) as path:
-                clips = load_audio_clips(path, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
-                                         training=self.training, generator=generator)
-            return {"audio": clips, "audio_mask": True}
-        except NoAudioStreamError:
-            return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),
-                    "audio_mask": False}
-        except MediaError as err:
-            raise type(err)(f"{self._where(sample, f'{role}.{member[0]}')}: {err}") from err
+@contextlib.contextmanager
+def _member_file(sample: dict[str, Any], role: str) -> Iterator[Path | None]:
+    """The sample's ``role`` member as a temporary file (audio falls back to the video's own track), or None;
+    decoding errors inside the block are re-raised naming the shard and sample."""
+    if role == "audio" and _member(sample, "audio") is None:
+        role = "video"
+    member = _member(sample, role)
+    if member is None:
+        yield None
+        return
+    ext, data = member
+    try:
+        with _spooled(data, ext) as path:
+            yield path
+    except MediaError as err:
+        raise type(err)(f"{sample.get('__url__')}:{sample['__key__']}.{role}.{ext}: {err}") from err
 
 
 # ============================================================================================== stream
