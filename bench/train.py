@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,14 +21,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Runs a command and prints the peak RSS of its largest descendant process: a fresh wrapper per measurement, because
+# RUSAGE_CHILDREN only ever grows within one process.
+WRAPPER = """import json, resource, subprocess, sys
+subprocess.run(json.loads(sys.argv[1]), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"""
+
+
 def launch(nproc: int, out: Path, overrides: list[str]) -> dict[str, float]:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     entry = [sys.executable, str(ROOT / "run.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "run.py")]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([*entry, *overrides, f"output_dir={out}"], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_kb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    command = [*entry, *overrides, f"output_dir={out}"]
+    peak_kb = int(subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(command)], cwd=ROOT, env=env,
+                                 check=True, capture_output=True, text=True).stdout.split()[-1])
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [h["samples_per_s"] for h in history[len(history) // 3:]]  # skip start-up steps
     return {"samples_per_s": statistics.median(rates), "peak_rss_mb": peak_kb / 1024}
