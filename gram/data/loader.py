@@ -27,8 +27,40 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
-class TrainStream:
-    """Endless batches over epochs; `state()`/`load_state()` give the exact data position for resume."""
+class EpochStream:
+    """Endless batches over epochs: subclasses start an epoch's loader (`_start_epoch`) and may cap an epoch at
+    `batches_per_epoch`; `epoch` and `batches_done` are the data position a checkpoint stores."""
+
+    epoch: int
+    batches_done: int
+    batches_per_epoch: int | None = None
+    _iterator: Iterator[Any] | None
+
+    def _start_epoch(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self.batches_per_epoch is not None and self.batches_done >= self.batches_per_epoch:
+                self._next_epoch()
+            if self._iterator is None:
+                self._iterator = self._start_epoch()
+            try:
+                batch = next(self._iterator)
+                self.batches_done += 1
+                return batch
+            except StopIteration:
+                self._next_epoch()
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+
+class TrainStream(EpochStream):
+    """Map-style files; `state()`/`load_state()` give the exact data position for resume."""
 
     def __init__(self, dataset, collate: Callable, micro_batch: int, num_workers: int, seed: int):
         if len(dataset) < micro_batch * dist.get_world_size():
@@ -57,20 +89,6 @@ class TrainStream:
                             num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         return iter(loader)
-
-    def __next__(self) -> dict[str, Any]:
-        while True:
-            if self._iterator is None:
-                self._iterator = self._start_epoch()
-            try:
-                batch = next(self._iterator)
-                self.batches_done += 1
-                return batch
-            except StopIteration:
-                self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
-
-    def __iter__(self) -> TrainStream:
-        return self
 
 
 class ShardSampler(Sampler[int]):

@@ -57,6 +57,7 @@ from gram.config import DataConfig, DatasetConfig, ShardsConfig
 from gram.data.annotations import AnnotationRecord, resolve_media
 from gram.data.audio import MediaError
 from gram.data.dataset import ItemBuilder, _sample_seed
+from gram.data.loader import EpochStream
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +513,7 @@ class _ShardIterable(IterableDataset):
             yield self.decoder(sample, generator)
 
 
-class ShardStream:
+class ShardStream(EpochStream):
     """Endless training batches from a shard mixture; the interface of :class:`gram.data.loader.TrainStream`.
 
     ``state()`` is ``{"epoch", "batches_done", ...}`` and is the same on every rank; ``load_state`` resumes
@@ -579,18 +580,3 @@ class ShardStream:
                             pin_memory=torch.cuda.is_available())
         return iter(loader)
 
-    def __next__(self) -> dict[str, Any]:
-        while True:
-            if self.batches_done >= self.batches_per_epoch:
-                self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
-            if self._iterator is None:
-                self._iterator = self._start_epoch()
-            try:
-                batch = next(self._iterator)
-                self.batches_done += 1
-                return batch
-            except StopIteration:
-                self.epoch, self.batches_done, self._iterator = self.epoch + 1, 0, None
-
-    def __iter__(self) -> ShardStream:
-        return self
