@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from gram.losses import LossConfig
 from gram.models.beats import BeatsConfig
@@ -264,6 +265,21 @@ class GramConfig:
         for split in (self.data.train, self.data.test):
             _require(split is None or bool(split.annotations), "data.*.annotations",
                      "each split needs an annotation JSON file")
+
+
+def typed_section(schema: type, section: dict[str, Any] | None, source: str) -> Any:
+    """A section of a saved run config (a checkpoint's config.json) as its validated dataclass; unknown keys raise,
+    naming the key."""
+    if section is None:
+        raise KeyError(f"{source} has no section for {schema.__name__}; it is not a gram run config")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
+
+
+def without_pretrained(model_cfg: ModelConfig) -> ModelConfig:
+    """A checkpoint holds every weight: do not also read the encoders' original weight files."""
+    for encoder in (model_cfg.vision, model_cfg.audio, model_cfg.text):
+        encoder.weights = None
+    return model_cfg
 
 
 def register_configs() -> None:

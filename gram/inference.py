@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
-from gram.config import DataConfig, DatasetConfig, LossConfig, ModelConfig
+from gram.config import DataConfig, DatasetConfig, typed_section
 from gram.data.audio import (
     NoAudioStreamError,
     load_audio_clips,
@@ -37,10 +36,9 @@ from gram.data.tokenizer import load_tokenizer
 from gram.data.video import VideoTransform, load_video_frames, sample_frame_indices
 from gram.eval.retrieval import embed_items
 from gram.eval.scoring import similarity_matrix
-from gram.main import build_model, without_pretrained
+from gram.main import task_from_checkpoint
 from gram.models.gram_model import GramModel
 from gram.train import checkpoint as ckpt
-from gram.train.task import GramTask
 
 MediaInput = str | PathLike | torch.Tensor
 
@@ -203,14 +201,10 @@ def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
     """
     folder = _checkpoint_folder(path_or_name)
     saved = ckpt.read_config(folder)
-    model_cfg = without_pretrained(_typed(ModelConfig, saved.get("model"), folder, "model"))
-    data_cfg = _typed(DataConfig, saved.get("data"), folder, "data")
+    data_cfg = typed_section(DataConfig, saved.get("data"), str(folder / ckpt.CONFIG))
     vocab = _tokenizer_path(tokenizer if tokenizer is not None else data_cfg.tokenizer, folder, tokenizer is None)
     text_tokenizer = load_tokenizer(vocab)
-    # The file holds the training task (model.* and the loss's temperature, loss.*): load it as training saved
-    # it, strictly, so tied weights (saved once by safetensors) are restored as well.
-    task = GramTask(build_model(model_cfg, text_tokenizer), _typed(LossConfig, saved.get("loss"), folder, "loss"))
-    ckpt.load_weights(task, folder, strict=True)
+    task = task_from_checkpoint(folder, text_tokenizer)
     return GramPredictor(task.model, data_cfg, text_tokenizer, _device(device), batch_size)
 
 
@@ -225,13 +219,6 @@ def _checkpoint_folder(path_or_name: str | PathLike) -> Path:
         raise ckpt.CheckpointNotFoundError(f"{folder} has no {ckpt.CONFIG}; it is needed to rebuild the model "
                                            f"and its preprocessing (checkpoints written by gram have one)")
     return folder
-
-
-def _typed(schema: type, section: dict | None, folder: Path, key: str) -> Any:
-    """A config section of config.json as its validated dataclass."""
-    if section is None:
-        raise KeyError(f"{folder / ckpt.CONFIG} has no {key!r} section; it is not a gram run config")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
 
 
 def _tokenizer_path(path: str | PathLike, folder: Path, from_config: bool) -> Path:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gram import distributed as dist
-from gram.config import GramConfig, LossConfig, ModelConfig
+from gram.config import GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
 from gram.data.tokenizer import load_tokenizer
@@ -64,13 +64,6 @@ def prepare_sample_data(cfg: GramConfig) -> None:
     launch.barrier()
 
 
-def without_pretrained(model_cfg: ModelConfig) -> ModelConfig:
-    """A checkpoint holds every weight: do not also read the encoders' original weight files."""
-    for encoder in (model_cfg.vision, model_cfg.audio, model_cfg.text):
-        encoder.weights = None
-    return model_cfg
-
-
 def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
     if len(tokenizer) > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} entries but model.text.vocab_size is "
@@ -78,6 +71,16 @@ def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
     model = GramModel(model_cfg)
     model.set_frozen()
     return model
+
+
+def task_from_checkpoint(folder: Path, tokenizer) -> GramTask:
+    """The task (model and loss) a checkpoint folder was trained as, rebuilt from its config.json and loaded
+    strictly (the file holds the whole task, so tied weights saved once are restored too)."""
+    saved, source = ckpt.read_config(folder), str(folder / ckpt.CONFIG)
+    model_cfg = without_pretrained(typed_section(ModelConfig, saved.get("model"), source))
+    task = GramTask(build_model(model_cfg, tokenizer), typed_section(LossConfig, saved.get("loss"), source))
+    ckpt.load_weights(task, folder, strict=True)
+    return task
 
 
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
@@ -122,17 +125,15 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     prepare_sample_data(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
-    source = None
-    if cfg.mode == "test":
-        source = ckpt.resolve_checkpoint(cfg.checkpoint)
-        saved = ckpt.read_config(source)
-        cfg.model = without_pretrained(
-            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"])))
-        cfg.loss = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LossConfig), saved["loss"]))
-    train_set, test_set = datasets(cfg, training=cfg.mode == "train")
-    task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
-    if source is not None or (cfg.mode == "train" and cfg.init_from):
-        ckpt.load_weights(task, source or cfg.init_from)
+    source = ckpt.resolve_checkpoint(cfg.checkpoint) if cfg.mode == "test" else None
+    if source is not None:  # the model and loss are the checkpoint's own, whatever the command line says
+        task = task_from_checkpoint(source, tokenizer)
+        cfg.model, cfg.loss = task.model.cfg, task.loss.cfg
+    train_set, test_set = datasets(cfg, training=cfg.mode == "train")  # data errors before a long model build
+    if source is None:
+        task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
+        if cfg.init_from:
+            ckpt.load_weights(task, cfg.init_from)
     task.to(device)
     logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
 

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelHubMixin, hf_hub_download
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file, save_model
 
-from gram.config import ModelConfig
+from gram.config import ModelConfig, typed_section, without_pretrained
 from gram.models.convert import alias_groups
 from gram.models.gram_model import GramModel
 
@@ -56,11 +55,7 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
     """Dict (as written by :func:`model_config_to_dict` or a run's ``config.json["model"]``) -> validated
     ModelConfig with no encoder weight paths (unknown keys raise, naming the key)."""
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(data))
-    cfg = OmegaConf.to_object(merged)
-    for encoder in (cfg.vision, cfg.audio, cfg.text):
-        encoder.weights = None
-    return cfg
+    return without_pretrained(typed_section(ModelConfig, dict(data), "the model config"))
 
 
 def hub_config(cfg: ModelConfig) -> dict[str, Any]:
