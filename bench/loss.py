@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats (x4 at B <= 256, /2 at B >= 2048)"
+        "--repeats", type=int, default=6, help="timed repeats (x4 at B <= 256, /2 at B >= 2048)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
@@ -55,8 +55,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def det_volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Reference formulation (§3 of the spec): -sqrt|det G| from an explicit Gram tensor -> (1, N1, N2)."""
+def det_volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """Reference formulation (§2.7, §3 of the spec): -sqrt|det G| / tau from an explicit Gram tensor.
+
+    Returns (1, N1, N2); ``scale`` is 1 / tau, applied to the volumes as the reference divides them.
+    """
     n1, n2 = anchor.shape[0], data[0].shape[0]
     vectors = [anchor, *data]
     rows = []
@@ -72,7 +75,7 @@ def det_volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> tor
             row.append(entry)
         rows.append(torch.stack(row, dim=-1))  # (N1, N2, k)
     gram = torch.stack(rows, dim=-2)  # (N1, N2, k, k)
-    return -torch.det(gram.float()).abs().sqrt().unsqueeze(0)
+    return -(torch.det(gram.float()).abs().sqrt() * scale).unsqueeze(0)
 
 
 def make_embeddings(batch: int, k: int, dim: int, device: str) -> dict[str, torch.Tensor]:
@@ -130,22 +133,29 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """CPU peak from the profiler's allocation events (their running total starts at 0 when it starts).
+    """CPU peak from the profiler's allocation events, relative to what was allocated before ``fn``.
 
-    Uses the profiler's experimental event tree, the only CPU allocation record torch exposes.
+    Each event carries the profiler's running total, which also counts what earlier profiled calls left
+    allocated, so the baseline is the total just before the first event. Uses the profiler's
+    experimental event tree, the only CPU allocation record torch exposes.
     """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation:
-            peak = max(peak, node.extra_fields.total_allocated)
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
         stack.extend(node.children)
-    return peak
+    if not events:
+        return 0
+    events.sort()
+    baseline = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - baseline
 
 
 def bench_case(

@@ -242,11 +242,39 @@ def test_custom_similarity_plugs_in() -> None:
     emb = embeddings()
     calls = []
 
-    def dot(anchor: torch.Tensor, data) -> torch.Tensor:
+    def dot(anchor: torch.Tensor, data, scale) -> torch.Tensor:
         calls.append(len(data))
-        return (anchor @ data[0].T).unsqueeze(0)
+        return scale * (anchor @ data[0].T).unsqueeze(0)
 
     out = ContrastiveLoss(LossConfig(gather_with_grad=True), similarity=dot)(emb, DATA)
     s = emb["text"] @ emb["vision"].T
     torch.testing.assert_close(out["loss"].double(), two_way(s, s.T, 0.07).double())
     assert calls == [2]
+
+
+@pytest.mark.parametrize("gather_with_grad", [False, True])
+@pytest.mark.parametrize("parametrization", ["raw", "log"])
+def test_temperature_gradient_matches_reference(gather_with_grad: bool, parametrization: str) -> None:
+    """The scale rides inside the similarity; d loss / d tau must still equal the plain division's."""
+    emb = embeddings()
+    loss_fn = build_loss(
+        LossConfig(gather_with_grad=gather_with_grad, temperature_parametrization=parametrization)
+    )
+    loss_fn(emb, DATA)["loss"].backward()
+    tau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    double = {n: t.double() for n, t in emb.items()}
+    reference_volume_loss(double, detach_other_side=not gather_with_grad, tau=tau).backward()
+    expected = tau.grad * (0.07 if parametrization == "log" else 1.0)  # d tau / d log tau = tau
+    torch.testing.assert_close(loss_fn.temperature_param.grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_square_two_way_cross_entropy_matches_autograd() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = (5 * torch.randn(7, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    fused = contrastive._SquareTwoWayCrossEntropy.apply
+    targets = torch.arange(7)
+    row = F.cross_entropy(logits, targets, label_smoothing=0.1)
+    col = F.cross_entropy(logits.T, targets, label_smoothing=0.1)
+    torch.testing.assert_close(fused(logits, 0.1), torch.stack([row, col]))
+    assert torch.autograd.gradcheck(lambda x: fused(x, 0.1), (logits,))
+    assert torch.autograd.gradcheck(lambda x: fused(x, 0.0), (logits,))

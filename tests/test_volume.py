@@ -172,3 +172,15 @@ def test_exported_from_package() -> None:
 def test_bad_shapes_raise(anchor_shape: tuple[int, ...], data_shapes: list[tuple[int, ...]]) -> None:
     with pytest.raises(ValueError):
         volume(torch.randn(anchor_shape), *[torch.randn(s) for s in data_shapes])
+
+
+@pytest.mark.parametrize("fn", [volume, simplex_volume])
+def test_scale_multiplies_result_with_exact_gradients(fn) -> None:
+    anchor, data = unit(4, 6, seed=11), [unit(3, 6, seed=12 + p) for p in range(2)]
+    scale = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fn(anchor, *data, scale=scale), -2.5 * fn(anchor, *data))
+    torch.testing.assert_close(fn(anchor, *data, scale=0.5), 0.5 * fn(anchor, *data))
+    inputs = (anchor.requires_grad_(), *(x.requires_grad_() for x in data), scale)
+    assert torch.autograd.gradcheck(lambda a, x, y, s: fn(a, x, y, scale=s), inputs)
+    with pytest.raises(ValueError, match="scalar"):
+        fn(anchor, *data, scale=torch.ones(2))

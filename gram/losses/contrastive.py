@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,38 @@ def _select(
 def _merge_terms(logits: torch.Tensor) -> torch.Tensor:
     """(T, B, N) -> (B, N): the sum over score matrices (a view, not a copy, when T = 1)."""
     return logits[0] if logits.shape[0] == 1 else logits.sum(0)
+
+
+class _SquareTwoWayCrossEntropy(torch.autograd.Function):
+    """Row-wise and column-wise label-smoothed CE of one square logit matrix, positives on the diagonal.
+
+    (B, B) -> (2,): [mean_i CE(L[i, :], i), mean_j CE(L[:, j], j)]. One fused backward writes
+    dL = g_row/B (softmax_rows - t) + g_col/B (softmax_cols - t), t the smoothed one-hot targets,
+    where autograd's two log-softmaxes (one of them over the strided dimension) and the smoothing
+    means would each make several more passes over the B x B matrix.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, smoothing: float) -> torch.Tensor:
+        row_lse = torch.logsumexp(logits, dim=1)  # (B,)
+        col_lse = torch.logsumexp(logits, dim=0)  # (B,)
+        diagonal = logits.diagonal()  # (B,)
+        row = row_lse - (1 - smoothing) * diagonal - smoothing * logits.mean(1)  # (B,)
+        col = col_lse - (1 - smoothing) * diagonal - smoothing * logits.mean(0)  # (B,)
+        ctx.save_for_backward(logits, row_lse, col_lse)
+        ctx.smoothing = smoothing
+        return torch.stack([row.mean(), col.mean()])  # (2,)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, row_lse, col_lse = ctx.saved_tensors
+        n, s = logits.shape[0], ctx.smoothing
+        g_row, g_col = (grad / n).tolist()
+        out = torch.sub(logits, row_lse.unsqueeze(1)).exp_().mul_(g_row)  # (B, B): row softmax term
+        out.add_(torch.sub(logits, col_lse.unsqueeze(0)).exp_(), alpha=g_col)  # + column softmax term
+        out.sub_(s * (g_row + g_col) / n)
+        out.diagonal().sub_((1 - s) * (g_row + g_col))
+        return out, None
 
 
 class ContrastiveLoss(nn.Module):
@@ -86,62 +119,52 @@ class ContrastiveLoss(nn.Module):
                 self.temperature_param.clamp_(low, high)
         return self.temperature_param.clamp(low, high).exp()
 
-    def _chunk_scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Similarity of one chunk (T, n1, n2), recomputed in backward when it needs gradients."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, *data)):
-            return checkpoint(lambda a, *xs: self.similarity(a, xs), anchor, *data, use_reentrant=False)
-        return self.similarity(anchor, data)
+    def _chunk_scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        """Scaled similarity of one chunk (T, n1, n2), recomputed in backward when it needs gradients."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, scale, *data)):
+            return checkpoint(
+                lambda a, s, *xs: self.similarity(a, xs, s), anchor, scale, *data, use_reentrant=False
+            )
+        return self.similarity(anchor, data, scale)
 
-    def scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor], chunk_anchor: bool) -> torch.Tensor:
-        """Similarity (T, N1, N2), chunked along the anchor (N1) or data (N2) rows if ``cfg.chunk_size``."""
+    def scores(
+        self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor, chunk_anchor: bool
+    ) -> torch.Tensor:
+        """``scale *`` similarity (T, N1, N2), chunked along the anchor (N1) or data (N2) rows if
+        ``cfg.chunk_size``."""
         size = self.cfg.chunk_size
         rows = anchor.shape[0] if chunk_anchor else data[0].shape[0]
         if size == 0 or rows <= size:
-            return self.similarity(anchor, data)
+            return self.similarity(anchor, data, scale)
         parts = []
         for start in range(0, rows, size):
             if chunk_anchor:
-                parts.append(self._chunk_scores(anchor[start : start + size], data))
+                parts.append(self._chunk_scores(anchor[start : start + size], data, scale))
             else:
-                parts.append(self._chunk_scores(anchor, [x[start : start + size] for x in data]))
+                parts.append(self._chunk_scores(anchor, [x[start : start + size] for x in data], scale))
         return torch.cat(parts, dim=1 if chunk_anchor else 2)  # (T, N1, N2)
 
     def _score_pair(
-        self, anchor: torch.Tensor, data: Sequence[torch.Tensor]
+        self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores (T, B, B_global) of local anchors vs all data and of local data vs all anchors.
+        """Logits (T, B, B_global) of local anchors vs all data and of local data vs all anchors.
 
         The second is None when it is just the transpose of the first (one rank, full gradients).
         """
         with_grad = self.cfg.gather_with_grad
         anchor_all = all_gather(anchor, with_grad)  # (B_global, d)
         data_all = [all_gather(x, with_grad) for x in data]  # [(B_global, d)]
-        a2d = self.scores(anchor, data_all, chunk_anchor=False)  # (T, B, B_global)
+        a2d = self.scores(anchor, data_all, scale, chunk_anchor=False)  # (T, B, B_global)
         if with_grad and get_world_size() == 1:
             # Both directions are the same function of the same tensors: compute it once.
             return a2d, None
-        d2a = self.scores(anchor_all, data, chunk_anchor=True)  # (T, B_global, B)
+        d2a = self.scores(anchor_all, data, scale, chunk_anchor=True)  # (T, B_global, B)
         return a2d, d2a.transpose(1, 2)  # (T, B, B_global)
 
     def _ce_over_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum over the T score matrices of the label-smoothed CE of logits (T, B, N) vs targets (B,)."""
         smoothing = self.cfg.label_smoothing
         return sum(F.cross_entropy(term, targets, label_smoothing=smoothing) for term in logits)
-
-    def _column_ce_over_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Same as ``_ce_over_terms(logits.transpose(1, 2), targets)`` for logits (T, N, B).
-
-        Normalising over dim 0 in place of transposing keeps every (N, B) pass and the gradient
-        accumulation contiguous, which matters on CPUs where the loss is otherwise GEMM-bound.
-        """
-        smoothing = self.cfg.label_smoothing
-        columns = torch.arange(targets.shape[0], device=targets.device)
-        total = logits.new_zeros(())
-        for term in logits:
-            log_probs = F.log_softmax(term, dim=0)  # (N, B), normalised per column
-            nll = -log_probs[targets, columns].mean()
-            total = total + (1 - smoothing) * nll - smoothing * log_probs.mean()
-        return total
 
     def forward(
         self,
@@ -167,15 +190,14 @@ class ContrastiveLoss(nn.Module):
         batch = anchor_local.shape[0]
         offset = rank_offset(gather_sizes(batch, anchor_local.device))
         targets = torch.arange(offset, offset + batch, device=anchor_local.device)  # (B,)
-        a2d, d2a = self._score_pair(anchor_local, data_local)  # (T, B, B_global), same or None
         tau = self.temperature()
-        logits_a2d = a2d / tau
-        loss_a2d = self._ce_over_terms(logits_a2d, targets)
-        if d2a is None:  # one shared square matrix: data -> anchor is its column-wise CE
+        logits_a2d, logits_d2a = self._score_pair(anchor_local, data_local, 1.0 / tau)  # (T, B, B_global)
+        if logits_d2a is None:  # one shared square matrix: data -> anchor is its column-wise CE
+            smoothing = self.cfg.label_smoothing
+            loss_a2d, loss_d2a = sum(_SquareTwoWayCrossEntropy.apply(term, smoothing) for term in logits_a2d)
             logits_d2a = logits_a2d.transpose(1, 2)
-            loss_d2a = self._column_ce_over_terms(logits_a2d, targets)
         else:
-            logits_d2a = d2a / tau
+            loss_a2d = self._ce_over_terms(logits_a2d, targets)
             loss_d2a = self._ce_over_terms(logits_d2a, targets)
         return {
             "loss": 0.5 * (loss_a2d + loss_d2a),

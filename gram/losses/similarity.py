@@ -1,9 +1,12 @@
 """Similarities of an anchor against k-1 aligned data tensors, behind one interface.
 
-Every similarity maps ``anchor (N1, d)`` and ``data``, a sequence of k-1 tensors ``(N2, d)`` whose row j
-belongs to sample j, to scores ``(T, N1, N2)``: higher means more similar. T is the number of score
-matrices that each get their own two-way contrastive term (1 for the higher-order similarities, k-1 for
-pairwise cosine, whose terms are summed as in CLIP/VAST-style multi-pair training). Scores are float32
+Every similarity maps ``anchor (N1, d)``, ``data``, a sequence of k-1 tensors ``(N2, d)`` whose row j
+belongs to sample j, and a scalar ``scale`` (1/tau in the loss) to scores ``scale * s``, ``(T, N1, N2)``:
+higher s means more similar. Each applies the scale to its smallest operand (the anchor or a per-sample
+factor), which is free, where multiplying the scores and back-propagating through that would cost
+extra passes over every (N1, N2) matrix. T is the number of score matrices that each get their own
+two-way contrastive term (1 for the higher-order similarities, k-1 for pairwise cosine, whose terms are
+summed as in CLIP/VAST-style multi-pair training). Scores are float32
 (float64 for float64 inputs) and computed with autocast disabled, so bf16/fp16 training does not round
 the dot products that the loss compares.
 """
@@ -14,11 +17,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gram.losses.volume import _check_inputs, _compute_dtype, negative_volume, simplex_volume
+from gram.losses.volume import _check_inputs, _compute_dtype, as_scalar, simplex_volume, volume
 
 __all__ = ["SimilarityFn", "get_similarity", "list_similarities"]
 
-SimilarityFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+Scale = torch.Tensor | float
+SimilarityFn = Callable[[torch.Tensor, Sequence[torch.Tensor], Scale], torch.Tensor]
 
 
 def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -27,21 +31,22 @@ def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> lis
     return [t.to(dtype) for t in (anchor, *data)]
 
 
-def volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-    """GRAM: minus the k-volume of (anchor_i, data_j...) -> (1, N1, N2)."""
-    return negative_volume(anchor, *data).unsqueeze(0)
+def volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
+    """GRAM: minus the k-volume of (anchor_i, data_j...), times scale -> (1, N1, N2)."""
+    return volume(anchor, *data, scale=-scale).unsqueeze(0)
 
 
-def cosine_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Pairwise dot products anchor . data_p (cosines for unit vectors) -> (k-1, N1, N2)."""
+def cosine_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
+    """Pairwise dot products anchor . data_p (cosines for unit vectors), times scale -> (k-1, N1, N2)."""
     _check_inputs(anchor, data)
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a, *xs = _as_compute_dtype(anchor, data)
+        a = a * as_scalar(scale, a)  # (N1, d)
         return torch.stack([a @ x.T for x in xs])  # k-1 x [(N1, d) @ (d, N2)] -> (k-1, N1, N2)
 
 
-def symile_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Symile's multilinear inner product sum_d a_d * x1_d * ... * x_{k-1,d} -> (1, N1, N2).
+def symile_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
+    """Symile's multilinear inner product sum_d a_d * x1_d * ... * x_{k-1,d}, times scale -> (1, N1, N2).
 
     Saporta et al. 2024. The data factors of sample j multiply elementwise first, so the whole score
     matrix is a single GEMM. For k = 2 it reduces to the dot product.
@@ -50,16 +55,17 @@ def symile_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.T
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a, *xs = _as_compute_dtype(anchor, data)
         product = torch.stack(xs).prod(0)  # (k-1, N2, d) -> (N2, d)
+        a = a * as_scalar(scale, a)  # (N1, d)
         return (a @ product.T).unsqueeze(0)  # (N1, d) @ (d, N2) -> (1, N1, N2)
 
 
-def triangle_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TRIANGLE: minus the area of the triangle (anchor_i, data1_j, data2_j) -> (1, N1, N2).
+def triangle_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
+    """TRIANGLE: minus the area of the triangle (anchor_i, data1_j, data2_j), times scale -> (1, N1, N2).
 
     Cicchetti et al. 2025. With more than three modalities this is the volume of the simplex on all
     k points (its natural generalisation); with two it is their Euclidean distance.
     """
-    return -simplex_volume(anchor, *data).unsqueeze(0)
+    return simplex_volume(anchor, *data, scale=-scale).unsqueeze(0)
 
 
 _SIMILARITIES: dict[str, SimilarityFn] = {

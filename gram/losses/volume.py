@@ -90,13 +90,16 @@ def orthonormal_basis(vectors: Sequence[torch.Tensor]) -> tuple[list[torch.Tenso
 
 
 class _ProjectedVolume(torch.autograd.Function):
-    """Volumes from the factorisation: (N1, d), (m*N2, d), (N2,) -> (N1, N2).
+    """Scaled volumes from the factorisation: (N1, d), (m*N2, d), (N2,), scalar -> (N1, N2).
 
-    vol_ij = data_volume_j * dist_ij with dist_ij^2 = |a_i|^2 - sum_p (a_i . q_jp)^2 from one GEMM.
+    out_ij = scale * data_volume_j * dist_ij with dist_ij^2 = |a_i|^2 - sum_p (a_i . q_jp)^2 from one
+    GEMM. The scale (the loss's sign and 1/temperature) rides on the per-sample factor, so neither it nor
+    its gradient costs a pass over the (N1, N2) matrix: a separate ``scores / tau`` and its backward
+    cost about as much as the GEMMs on a CPU.
     Hand-written so that only the projections (N1, m, N2) and the heights (N1, N2) are kept for
     backward and every large elementwise pass is fused: plain autograd keeps and revisits several such
-    tensors, which on a CPU costs about as much as the GEMMs themselves.
-    The height's gradient is cut to 0 where dist^2 <= eps * |a|^2, the noise floor of this formula.
+    tensors. The height's gradient is cut to 0 where dist^2 <= eps * |a|^2, the noise floor of this
+    formula.
     """
 
     @staticmethod
@@ -105,8 +108,8 @@ class _ProjectedVolume(torch.autograd.Function):
         anchor: torch.Tensor,
         flat_basis: torch.Tensor,
         data_volume: torch.Tensor,
+        scale: torch.Tensor,
         m: int,
-        sign: float,
     ) -> torch.Tensor:
         n1, n2 = anchor.shape[0], flat_basis.shape[0] // m
         anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
@@ -115,26 +118,26 @@ class _ProjectedVolume(torch.autograd.Function):
         for p in range(m):
             height.addcmul_(proj[:, p], proj[:, p], value=-1.0)
         height.clamp_min_(0).sqrt_()
-        signed_volume = data_volume * sign  # (N2,): the sign rides on the per-sample factor for free
-        ctx.save_for_backward(anchor, flat_basis, signed_volume, proj, height, anchor_sq)
-        ctx.sign = sign
-        return height * signed_volume  # (N1, N2) * (N2,)
+        ctx.save_for_backward(anchor, flat_basis, data_volume, scale, proj, height, anchor_sq)
+        return height * (data_volume * scale)  # (N1, N2) * (N2,)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        anchor, flat_basis, signed_volume, proj, height, anchor_sq = ctx.saved_tensors
+        anchor, flat_basis, data_volume, scale, proj, height, anchor_sq = ctx.saved_tensors
         n1, m, n2 = proj.shape
-        grad_volume = (grad * height).sum(0) * ctx.sign if ctx.needs_input_grad[2] else None  # (N2,)
-        # d out / d dist^2 = signed_volume / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
+        grad_factor = (grad * height).sum(0)  # (N2,): d loss / d (scale * data_volume)
+        grad_volume = grad_factor * scale if ctx.needs_input_grad[2] else None  # (N2,)
+        grad_scale = (grad_factor * data_volume).sum() if ctx.needs_input_grad[3] else None  # ()
+        # d out / d dist^2 = scale * data_volume / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
         above = height.square() > torch.finfo(height.dtype).eps * anchor_sq  # (N1, N2)
-        scale = torch.where(above, grad * signed_volume / height, 0.0)  # (N1, N2)
-        grad_proj = (proj * scale.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); its sign is applied below
+        weight = torch.where(above, grad * (data_volume * scale) / height, 0.0)  # (N1, N2)
+        grad_proj = (proj * weight.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); its sign is applied below
         grad_anchor = grad_basis = None
         if ctx.needs_input_grad[0]:
-            grad_anchor = anchor * scale.sum(1, keepdim=True) - grad_proj @ flat_basis  # (N1, d)
+            grad_anchor = anchor * weight.sum(1, keepdim=True) - grad_proj @ flat_basis  # (N1, d)
         if ctx.needs_input_grad[1]:
             grad_basis = -(grad_proj.T @ anchor)  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
-        return grad_anchor, grad_basis, grad_volume, None, None
+        return grad_anchor, grad_basis, grad_volume, grad_scale, None
 
 
 def _affine_height(anchor: torch.Tensor, basis: Sequence[torch.Tensor], origin: torch.Tensor) -> torch.Tensor:
@@ -156,8 +159,30 @@ def _affine_height(anchor: torch.Tensor, basis: Sequence[torch.Tensor], origin: 
     return _safe_sqrt(dist_sq, torch.finfo(anchor.dtype).eps * (anchor_sq + origin_sq))
 
 
-def _signed_volume(anchor: torch.Tensor, data: Sequence[torch.Tensor], sign: float) -> torch.Tensor:
-    """sign * volume(anchor, *data) (N1, N2); the sign costs nothing inside the fused kernel."""
+def as_scalar(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``scale`` as a 0-d tensor of ``like``'s dtype and device (still differentiable if a tensor)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
+        return scale.reshape(()).to(like)
+    return like.new_tensor(float(scale))
+
+
+def volume(anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """k-volume of the parallelotope spanned by anchor[i] and data_1[j], ..., data_{k-1}[j].
+
+    Args:
+        anchor: (N1, d).
+        *data: k - 1 >= 1 tensors of shape (N2, d); row j of every data tensor belongs to sample j.
+        scale: a scalar (float, or 0-d tensor that may require grad) multiplying the result, e.g.
+            -1/tau in the loss. It is applied to a per-sample factor, so it costs nothing, unlike
+            multiplying the (N1, N2) result.
+
+    Returns:
+        (N1, N2) ``scale *`` the volumes sqrt(|det G|) of the k x k Gram matrices, in float32 (float64
+        for float64 inputs), also under autocast. Equal to the reference's determinant formulation; see
+        the module docstring for degenerate inputs (finite values and gradients; zero rows give 0).
+    """
     _check_inputs(anchor, data)
     dtype = _compute_dtype([anchor, *data])
     with torch.autocast(device_type=anchor.device.type, enabled=False):
@@ -165,31 +190,16 @@ def _signed_volume(anchor: torch.Tensor, data: Sequence[torch.Tensor], sign: flo
         basis, data_volume = orthonormal_basis([t.to(dtype) for t in data])  # m x (N2, d), (N2,)
         # Concatenated p-major, so each per-p slice of the projections is a contiguous (N1, N2) block row.
         flat = torch.cat(basis)  # (m*N2, d)
-        return _ProjectedVolume.apply(a, flat, data_volume, len(data), sign)  # (N1, N2)
-
-
-def volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
-    """k-volume of the parallelotope spanned by anchor[i] and data_1[j], ..., data_{k-1}[j].
-
-    Args:
-        anchor: (N1, d).
-        *data: k - 1 >= 1 tensors of shape (N2, d); row j of every data tensor belongs to sample j.
-
-    Returns:
-        (N1, N2) volumes sqrt(|det G|) of the k x k Gram matrices, in float32 (float64 for float64
-        inputs), also under autocast. Equal to the reference's determinant formulation; see the module
-        docstring for the degenerate-input behaviour (finite values and gradients; zero rows give 0).
-    """
-    return _signed_volume(anchor, data, 1.0)
+        return _ProjectedVolume.apply(a, flat, data_volume, as_scalar(scale, a), len(data))  # (N1, N2)
 
 
 def negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
     """-volume(anchor, *data) (N1, N2): GRAM's similarity score, without an extra negation pass."""
-    return _signed_volume(anchor, data, -1.0)
+    return volume(anchor, *data, scale=-1.0)
 
 
-def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
-    """Volume of the simplex with vertices anchor[i], data_1[j], ..., data_m[j] -> (N1, N2).
+def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``scale *`` the volume of the simplex with vertices anchor[i], data_1[j], ..., data_m[j] -> (N1, N2).
 
     For m = 2 (three modalities) this is the TRIANGLE area (Cicchetti et al. 2025),
     1/2 * |x_2 - x_1| * dist(a, line through x_1 and x_2). Like ``volume`` it is computed as the
@@ -204,4 +214,5 @@ def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
         edges = [t.to(dtype) - base for t in data[1:]]  # m-1 x (N2, d)
         basis, base_volume = orthonormal_basis(edges) if edges else ([], base.new_ones(base.shape[0]))
         height = _affine_height(a, basis, base)  # (N1, N2)
-        return height * base_volume.unsqueeze(0) / math.factorial(len(data))  # (N1, N2)
+        factor = base_volume * (as_scalar(scale, a) / math.factorial(len(data)))  # (N2,)
+        return height * factor  # (N1, N2)
