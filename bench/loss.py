@@ -55,7 +55,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def det_volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+def det_volume_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor
+) -> torch.Tensor:
     """Reference formulation (§2.7, §3 of the spec): -sqrt|det G| / tau from an explicit Gram tensor.
 
     Returns (1, N1, N2); ``scale`` is 1 / tau, applied to the volumes as the reference divides them.

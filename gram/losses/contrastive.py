@@ -119,7 +119,9 @@ class ContrastiveLoss(nn.Module):
                 self.temperature_param.clamp_(low, high)
         return self.temperature_param.clamp(low, high).exp()
 
-    def _chunk_scores(self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    def _chunk_scores(
+        self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor
+    ) -> torch.Tensor:
         """Scaled similarity of one chunk (T, n1, n2), recomputed in backward when it needs gradients."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, scale, *data)):
             return checkpoint(

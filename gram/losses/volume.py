@@ -198,7 +198,9 @@ def negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
     return volume(anchor, *data, scale=-1.0)
 
 
-def simplex_volume(anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def simplex_volume(
+    anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """``scale *`` the volume of the simplex with vertices anchor[i], data_1[j], ..., data_m[j] -> (N1, N2).
 
     For m = 2 (three modalities) this is the TRIANGLE area (Cicchetti et al. 2025),
