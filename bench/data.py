@@ -4,8 +4,9 @@ All numbers come from one run, so the ratios compare like with like on the same 
 
 1. Per clip: 8 frames (test sampling: the lower-middle frame of 8 uniform segments), decoded and turned
    into a (8, 3, 224, 224) CLIP-normalised clip, for every decoder available:
-   ``pyav`` (the default: packet index, keyframe seeks, skipping unreferenced frames; 1 thread),
-   ``pyav x2`` (the same with 2 frame threads), ``decord`` (package decord2, if installed) and
+   ``pyav`` (the default: packet index, keyframe seeks, skipping unreferenced frames, frames behind
+   different keyframes decoded in parallel on the free cores), ``pyav 1 thread`` (the same on one thread,
+   as inside a loader worker), ``decord`` (package decord2, if installed) and
    ``opencv-seek``, the reference's method (``CAP_PROP_POS_FRAMES`` seek per frame, if opencv is installed).
    Every backend's frames go through the same :class:`VideoTransform`, so only decoding differs.
    Clips: the shared real videos (``../shared/data/media``), videos of the generated sample dataset, and
@@ -47,7 +48,7 @@ def available_backends() -> dict[str, Callable[[Path, Callable], torch.Tensor]]:
     """Name -> decode function (path, index function) -> (n, H, W, 3) uint8, for the installed decoders."""
     backends = {
         "pyav": lambda p, f: decode_frames(p, f),
-        "pyav x2": lambda p, f: decode_frames(p, f, threads=2),
+        "pyav 1 thread": lambda p, f: decode_frames(p, f, threads=1),
     }
     for name, module, backend in (("decord", "decord", "decord"), ("opencv-seek", "cv2", "opencv")):
         try:
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats, fewer generated videos, smaller loader run")
     parser.add_argument("--cache-dir", type=Path, default=None, help="keep generated videos here (default: a temp dir)")
-    parser.add_argument("--loader-clips", type=int, default=32, help="clips per loader pass")
+    parser.add_argument("--loader-clips", type=int, default=128, help="clips per loader pass (steady state)")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
     torch.set_num_threads(1)  # as in a loader worker; decoding threads are set per backend

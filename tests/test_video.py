@@ -1,5 +1,6 @@
 """Frame sampling, decoding (exact frames, seeking, short videos, errors) and the clip transform."""
 
+import os
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -100,11 +101,12 @@ def test_shared_videos_decode_to_the_right_shape(name):
     assert frames.shape == (8, 640, 360, 3) and frames.dtype == torch.uint8
 
 
-def test_seeking_decoder_returns_exactly_the_sequential_frames():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_seeking_decoder_returns_exactly_the_sequential_frames(threads):
     path = _shared_video("video2.mp4")  # 442 frames, 3 keyframes: the decoder seeks
     reference = decode_all(path)
     for indices in ([5, 300, 420, 421], [441, 0, 200, 200, 161, 159]):
-        got = decode_frames(path, indices).numpy()
+        got = decode_frames(path, indices, threads=threads).numpy()
         np.testing.assert_array_equal(got, reference[indices])
 
 
@@ -123,7 +125,33 @@ def test_many_keyframes_and_repeated_requests(tmp_path, codec, suffix, options):
     reference = decode_all(path)
     assert len(reference) == 60
     for indices in ([59, 3, 3, 30, 31, 7, 14, 0, 58], [5, 25, 45]):
-        np.testing.assert_array_equal(decode_frames(path, indices).numpy(), reference[indices])
+        for threads in (1, 3):  # one reader, and runs of keyframe groups decoded in parallel
+            got = decode_frames(path, indices, threads=threads).numpy()
+            np.testing.assert_array_equal(got, reference[indices])
+
+
+def test_runs_of_targets_keep_each_keyframe_group_together():
+    index = video_module._PacketIndex(pts=list(range(100)), key_pts=[0, 30, 60, 90], key_dts=[0, 30, 60, 90],
+                                      start=0)
+    targets = [1, 2, 31, 35, 61, 89, 95, 99]  # work from each keyframe: 2, 5, 29, 9
+    assert video_module._split_by_keyframe(index, targets, 1) == [targets]
+    assert video_module._split_by_keyframe(index, targets, 2) == [[61, 89], [1, 2, 31, 35, 95, 99]]
+    runs = video_module._split_by_keyframe(index, targets, 8)
+    assert sorted(runs) == [[1, 2], [31, 35], [61, 89], [95, 99]]
+
+
+class _ThreadsInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return video_module.default_decode_threads()
+
+
+def test_default_threads_are_one_per_loader_worker_and_the_free_cores_otherwise():
+    loader = torch.utils.data.DataLoader(_ThreadsInWorker(), num_workers=1, batch_size=None)
+    assert list(loader) == [1]
+    assert video_module.default_decode_threads() == min(len(os.sched_getaffinity(0)), 8)
 
 
 def test_sequential_fallback_without_timestamps_gives_the_same_frames(tmp_path, monkeypatch):
