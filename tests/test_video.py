@@ -35,8 +35,15 @@ def _shared_video(name: str) -> Path:
     return path
 
 
-def write_video(path: Path, num_frames: int, size=(48, 64), gop: int = 12, fps: int = 25,
-                codec: str = "libx264", options: dict | None = None) -> np.ndarray:
+def write_video(
+    path: Path,
+    num_frames: int,
+    size=(48, 64),
+    gop: int = 12,
+    fps: int = 25,
+    codec: str = "libx264",
+    options: dict | None = None,
+) -> np.ndarray:
     """Encode ``num_frames`` distinct frames (H, W = size) with B-frames; returns them (n, H, W, 3)."""
     h, w = size
     rng = np.random.default_rng(num_frames)
@@ -110,13 +117,16 @@ def test_seeking_decoder_returns_exactly_the_sequential_frames(threads):
         np.testing.assert_array_equal(got, reference[indices])
 
 
-@pytest.mark.parametrize("codec, suffix, options", [
-    ("libx264", "mp4", None),
-    ("mpeg4", "avi", {"bf": "2"}),  # AVI and MPEG-TS index by decoding timestamp
-    ("mpeg2video", "ts", {"bf": "2"}),
-    ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"}),
-    ("libx265", "mkv", {"x265-params": "keyint=7:log-level=error"}),
-])
+@pytest.mark.parametrize(
+    "codec, suffix, options",
+    [
+        ("libx264", "mp4", None),
+        ("mpeg4", "avi", {"bf": "2"}),  # AVI and MPEG-TS index by decoding timestamp
+        ("mpeg2video", "ts", {"bf": "2"}),
+        ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"}),
+        ("libx265", "mkv", {"x265-params": "keyint=7:log-level=error"}),
+    ],
+)
 def test_many_keyframes_and_repeated_requests(tmp_path, codec, suffix, options):
     if codec not in av.codecs_available:
         pytest.skip(f"encoder {codec} not in this FFmpeg build")
@@ -131,8 +141,9 @@ def test_many_keyframes_and_repeated_requests(tmp_path, codec, suffix, options):
 
 
 def test_runs_of_targets_keep_each_keyframe_group_together():
-    index = video_module._PacketIndex(pts=list(range(100)), key_pts=[0, 30, 60, 90], key_dts=[0, 30, 60, 90],
-                                      start=0)
+    index = video_module._PacketIndex(
+        pts=list(range(100)), key_pts=[0, 30, 60, 90], key_dts=[0, 30, 60, 90], start=0
+    )
     targets = [1, 2, 31, 35, 61, 89, 95, 99]  # work from each keyframe: 2, 5, 29, 9
     assert video_module._split_by_keyframe(index, targets, 1) == [targets]
     assert video_module._split_by_keyframe(index, targets, 2) == [[61, 89], [1, 2, 31, 35, 95, 99]]

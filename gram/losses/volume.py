@@ -63,30 +63,64 @@ def _safe_sqrt(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor
     return torch.where(above, torch.where(above, x, torch.ones_like(x)).sqrt(), exact)
 
 
-def orthonormal_basis(vectors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample Gram-Schmidt of m >= 1 tensors (N, d) -> ([q_1, ..., q_m] each (N, d), volume (N,)).
+class _GramSchmidt(torch.autograd.Function):
+    """Per-sample thin QR by Gram-Schmidt: m tensors (N, d) -> basis (m*N, d), p-major, and volumes (N,).
 
-    ``q_p`` is the unit component of ``vectors[p]`` orthogonal to ``vectors[:p]`` (zero, with a finite
-    gradient, when that component vanishes) and ``volume = prod_p |component_p|`` is the
-    m-dimensional volume of each sample's m vectors. Each projection is applied twice ("twice is
-    enough" re-orthogonalisation), which keeps near-collinear inputs accurate. The second pass removes
-    only rounding-level components, so its coefficients are treated as constants: that drops an
-    O(rounding) term from the gradient but keeps the pass from storing (N, d) tensors for backward.
+    Forward runs without autograd, so no (N, d) intermediate is kept; backward is the analytic QR
+    gradient (for X = QR per sample: dX = [dQ + Q copyltu(R dR^T - dQ^T Q)] R^{-T}), a handful of
+    passes where autograd through the loops would make several per projection.
     """
-    eps = torch.finfo(vectors[0].dtype).eps
-    basis: list[torch.Tensor] = []
-    volume = vectors[0].new_ones(vectors[0].shape[0])  # (N,)
-    for x in vectors:
-        residual = x  # (N, d)
-        for q in basis:
-            residual = residual - (residual * q).sum(-1, keepdim=True) * q  # (N, d)
-        for q in basis:
-            coefficient = (residual.detach() * q.detach()).sum(-1, keepdim=True)  # (N, 1), ~rounding
-            residual = residual - coefficient * q  # (N, d)
-        norm = _safe_sqrt(residual.square().sum(-1), 0.0)  # (N,)
-        basis.append(residual / norm.clamp_min(eps).unsqueeze(-1))  # (N, d)
-        volume = volume * norm
-    return basis, volume
+
+    @staticmethod
+    def forward(ctx: Any, *vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, (n, d) = len(vectors), vectors[0].shape
+        eps = torch.finfo(vectors[0].dtype).eps
+        basis = vectors[0].new_empty(m, n, d)  # (m, N, d)
+        r = vectors[0].new_zeros(n, m, m)  # (N, m, m), upper triangular
+        for p, x in enumerate(vectors):
+            residual = x.clone() if p else x  # (N, d)
+            for _ in range(2):  # "twice is enough": the second pass keeps near-collinear inputs accurate
+                for q in range(p):
+                    coefficient = torch.linalg.vecdot(residual, basis[q])  # (N,)
+                    residual.addcmul_(coefficient.unsqueeze(-1), basis[q], value=-1)
+                    r[:, q, p] += coefficient
+            norm = torch.linalg.vector_norm(residual, dim=-1)  # (N,)
+            r[:, p, p] = norm
+            torch.div(residual, norm.clamp_min(eps).unsqueeze(-1), out=basis[p])  # 0 for a 0 residual
+        ctx.save_for_backward(basis, r)
+        return basis.view(m * n, d), r.diagonal(dim1=1, dim2=2).prod(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_flat: torch.Tensor, grad_volume: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        basis, r = ctx.saved_tensors
+        m, n, d = basis.shape
+        eps = torch.finfo(r.dtype).eps
+        grad_basis = grad_flat.view(m, n, d)  # (m, N, d)
+        diag = r.diagonal(dim1=1, dim2=2)  # (N, m)
+        # d volume / d R_pp = prod of the other diagonal entries (no division by a possibly zero R_pp).
+        others = torch.stack([diag[:, [q for q in range(m) if q != p]].prod(-1) for p in range(m)], -1)
+        grad_diag = grad_volume.unsqueeze(-1) * others  # (N, m)
+        mixed = r * grad_diag.unsqueeze(-2) - torch.einsum("pnd,qnd->npq", grad_basis, basis)  # (N, m, m)
+        sym = mixed.tril() + mixed.tril(-1).mT  # (N, m, m)
+        b = torch.einsum("qnd,nqp->pnd", basis, sym).add_(grad_basis)  # (m, N, d)
+        # Solve X R^T = B in place, row block by row block, last first (R upper triangular, its diagonal
+        # guarded as in forward).
+        for p in reversed(range(m)):
+            for q in range(p + 1, m):
+                b[p].addcmul_(b[q], r[:, p, q].unsqueeze(-1), value=-1)
+            b[p].div_(diag[:, p].clamp_min(eps).unsqueeze(-1))  # (N, d)
+        return tuple(b.unbind(0))
+
+
+def orthonormal_basis(vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Gram-Schmidt of m >= 1 tensors (N, d) -> (basis (m*N, d), volume (N,)).
+
+    Rows ``p*N : (p+1)*N`` of the basis are ``q_p``, the unit component of ``vectors[p]`` orthogonal to
+    ``vectors[:p]`` (zero, with a finite gradient, when that component vanishes), and ``volume =
+    prod_p |component_p|`` is the m-dimensional volume of each sample's m vectors. Each projection is
+    applied twice ("twice is enough" re-orthogonalisation), which keeps near-collinear inputs accurate.
+    """
+    return _GramSchmidt.apply(*vectors)
 
 
 class _ProjectedVolume(torch.autograd.Function):
@@ -129,31 +163,33 @@ class _ProjectedVolume(torch.autograd.Function):
         grad_volume = grad_factor * scale if ctx.needs_input_grad[2] else None  # (N2,)
         grad_scale = (grad_factor * data_volume).sum() if ctx.needs_input_grad[3] else None  # ()
         # d out / d dist^2 = scale * data_volume / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
-        above = height.square() > torch.finfo(height.dtype).eps * anchor_sq  # (N1, N2)
-        weight = torch.where(above, grad * (data_volume * scale) / height, 0.0)  # (N1, N2)
+        noise_floor = anchor_sq.sqrt() * math.sqrt(torch.finfo(height.dtype).eps)  # (N1, 1)
+        weight = grad * (data_volume * scale)  # (N1, N2)
+        weight.div_(height).masked_fill_(height <= noise_floor, 0.0)
         grad_proj = (proj * weight.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); its sign is applied below
         grad_anchor = grad_basis = None
-        if ctx.needs_input_grad[0]:
-            grad_anchor = anchor * weight.sum(1, keepdim=True) - grad_proj @ flat_basis  # (N1, d)
+        if ctx.needs_input_grad[0]:  # a * sum_j w_ij - (N1, m*N2) @ (m*N2, d), in one buffer
+            grad_anchor = torch.mm(grad_proj, flat_basis).neg_().addcmul_(anchor, weight.sum(1, keepdim=True))
         if ctx.needs_input_grad[1]:
-            grad_basis = -(grad_proj.T @ anchor)  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
+            grad_basis = torch.mm(grad_proj.T, anchor).neg_()  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
         return grad_anchor, grad_basis, grad_volume, grad_scale, None
 
 
-def _affine_height(anchor: torch.Tensor, basis: Sequence[torch.Tensor], origin: torch.Tensor) -> torch.Tensor:
+def _affine_height(anchor: torch.Tensor, flat_basis: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     """Distance of every a_i - o_j from span(basis_j) -> (N1, N2).
 
-    anchor (N1, d); basis: m >= 0 tensors (N2, d), orthonormal per sample; origin (N2, d):
+    anchor (N1, d); flat_basis (m*N2, d), m >= 0 blocks of rows orthonormal per sample; origin (N2, d):
         |a - o|^2 - sum_p ((a - o) . q_p)^2 = |a|^2 - 2 a.o + |o|^2 - sum_p (a.q_p - o.q_p)^2,
     with every anchor-dependent dot product from GEMMs (plain autograd: used by the baselines only).
     """
-    n1, n2, m = anchor.shape[0], origin.shape[0], len(basis)
+    n1, (n2, d) = anchor.shape[0], origin.shape
+    m = flat_basis.shape[0] // n2
     anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
     origin_sq = origin.square().sum(-1).unsqueeze(0)  # (1, N2)
     dist_sq = anchor_sq - 2 * (anchor @ origin.T) + origin_sq  # (N1, d) @ (d, N2) -> (N1, N2)
     if m > 0:
-        proj = (anchor @ torch.cat(basis).T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
-        shift = torch.stack([(q * origin).sum(-1) for q in basis])  # (m, N2): o_j . q_jp
+        proj = (anchor @ flat_basis.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
+        shift = torch.linalg.vecdot(flat_basis.view(m, n2, d), origin)  # (m, N2): o_j . q_jp
         dist_sq = dist_sq - (proj - shift.unsqueeze(0)).square().sum(1)  # (N1, N2)
     # Below eps * (|a|^2 + |o|^2) the cancellation noise dominates, so only the gradient is cut there.
     return _safe_sqrt(dist_sq, torch.finfo(anchor.dtype).eps * (anchor_sq + origin_sq))
@@ -187,9 +223,8 @@ def volume(anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | floa
     dtype = _compute_dtype([anchor, *data])
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a = anchor.to(dtype)
-        basis, data_volume = orthonormal_basis([t.to(dtype) for t in data])  # m x (N2, d), (N2,)
-        # Concatenated p-major, so each per-p slice of the projections is a contiguous (N1, N2) block row.
-        flat = torch.cat(basis)  # (m*N2, d)
+        # p-major rows, so each per-p slice of the projections is a contiguous (N1, N2) block row.
+        flat, data_volume = orthonormal_basis([t.to(dtype) for t in data])  # (m*N2, d), (N2,)
         return _ProjectedVolume.apply(a, flat, data_volume, as_scalar(scale, a), len(data))  # (N1, N2)
 
 
@@ -214,7 +249,10 @@ def simplex_volume(
         a = anchor.to(dtype)
         base = data[0].to(dtype)  # (N2, d)
         edges = [t.to(dtype) - base for t in data[1:]]  # m-1 x (N2, d)
-        basis, base_volume = orthonormal_basis(edges) if edges else ([], base.new_ones(base.shape[0]))
-        height = _affine_height(a, basis, base)  # (N1, N2)
+        if edges:
+            flat, base_volume = orthonormal_basis(edges)  # (m-1)*N2 x d, (N2,)
+        else:
+            flat, base_volume = base.new_empty(0, base.shape[1]), base.new_ones(base.shape[0])
+        height = _affine_height(a, flat, base)  # (N1, N2)
         factor = base_volume * (as_scalar(scale, a) / math.factorial(len(data)))  # (N2,)
         return height * factor  # (N1, N2)
