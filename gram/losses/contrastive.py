@@ -196,7 +196,9 @@ class ContrastiveLoss(nn.Module):
         logits_a2d, logits_d2a = self._score_pair(anchor_local, data_local, 1.0 / tau)  # (T, B, B_global)
         if logits_d2a is None:  # one shared square matrix: data -> anchor is its column-wise CE
             smoothing = self.cfg.label_smoothing
-            loss_a2d, loss_d2a = sum(_SquareTwoWayCrossEntropy.apply(term, smoothing) for term in logits_a2d)
+            # squeeze/unbind, not iteration: selecting each term would copy the gradient back per term
+            terms = [logits_a2d.squeeze(0)] if logits_a2d.shape[0] == 1 else logits_a2d.unbind(0)
+            loss_a2d, loss_d2a = sum(_SquareTwoWayCrossEntropy.apply(term, smoothing) for term in terms)
             logits_d2a = logits_a2d.transpose(1, 2)
         else:
             loss_a2d = self._ce_over_terms(logits_a2d, targets)
