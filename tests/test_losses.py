@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -271,10 +272,47 @@ def test_temperature_gradient_matches_reference(gather_with_grad: bool, parametr
 def test_square_two_way_cross_entropy_matches_autograd() -> None:
     gen = torch.Generator().manual_seed(3)
     logits = (5 * torch.randn(7, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    other = (5 * torch.randn(7, 7, generator=gen, dtype=torch.float64)).requires_grad_()
     fused = contrastive._SquareTwoWayCrossEntropy.apply
     targets = torch.arange(7)
     row = F.cross_entropy(logits, targets, label_smoothing=0.1)
     col = F.cross_entropy(logits.T, targets, label_smoothing=0.1)
-    torch.testing.assert_close(fused(logits, 0.1), torch.stack([row, col]))
-    assert torch.autograd.gradcheck(lambda x: fused(x, 0.1), (logits,))
-    assert torch.autograd.gradcheck(lambda x: fused(x, 0.0), (logits,))
+    torch.testing.assert_close(fused(logits, logits, 0.1), torch.stack([row, col]))
+    assert torch.autograd.gradcheck(lambda x: fused(x, x, 0.1), (logits,))
+    assert torch.autograd.gradcheck(lambda x: fused(x, x, 0.0), (logits,))
+    # different matrices: rows of the first, columns of the second, each gradient to its own input
+    assert torch.autograd.gradcheck(lambda x, y: fused(x, y, 0.1), (logits, other))
+    other_col = F.cross_entropy(other.T, targets, label_smoothing=0.1)
+    torch.testing.assert_close(fused(logits, other, 0.1), torch.stack([row, other_col]))
+
+
+def test_one_rank_reference_semantics_computes_the_volume_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Detached gathering on one rank: one split computation, same loss and gradients as two."""
+    volume_module = importlib.import_module("gram.losses.volume")  # the package re-exports a function
+    base = embeddings()
+    calls = []
+    original = volume_module.orthonormal_basis
+    monkeypatch.setattr(volume_module, "orthonormal_basis", lambda v: calls.append(1) or original(v))
+    split_in = leaves(base)
+    split_loss = build_loss(LossConfig(gather_with_grad=False))
+    out = split_loss(split_in, DATA)
+    assert len(calls) == 1
+    out["loss"].backward()
+
+    twice_in = leaves(base)
+    twice_loss = build_loss(LossConfig(gather_with_grad=False))
+    twice_loss.split_similarity = None  # the generic path: each direction computed on its own
+    ref = twice_loss(twice_in, DATA)
+    assert len(calls) == 3
+    ref["loss"].backward()
+    torch.testing.assert_close(out["loss"], ref["loss"])
+    for key in (
+        "loss_anchor_to_data",
+        "loss_data_to_anchor",
+        "logits_anchor_to_data",
+        "logits_data_to_anchor",
+    ):
+        torch.testing.assert_close(out[key], ref[key])
+    for name in base:
+        torch.testing.assert_close(split_in[name].grad, twice_in[name].grad)
+    torch.testing.assert_close(split_loss.temperature_param.grad, twice_loss.temperature_param.grad)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import gram.losses
 from gram.losses import simplex_volume, volume
-from gram.losses.volume import negative_volume
+from gram.losses.volume import negative_volume, split_volume
 
 
 def det_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
@@ -184,3 +184,28 @@ def test_scale_multiplies_result_with_exact_gradients(fn) -> None:
     assert torch.autograd.gradcheck(lambda a, x, y, s: fn(a, x, y, scale=s), inputs)
     with pytest.raises(ValueError, match="scalar"):
         fn(anchor, *data, scale=torch.ones(2))
+
+
+def test_split_volume_sends_each_copy_to_one_side() -> None:
+    anchor, data = unit(4, 6, seed=21), [unit(5, 6, seed=22 + p) for p in range(2)]
+    weights = [unit(4, 5, seed=30), unit(4, 5, seed=31)]  # arbitrary upstream gradients
+
+    def leaves():
+        return anchor.clone().requires_grad_(), [x.clone().requires_grad_() for x in data]
+
+    a, xs = leaves()
+    scale = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    first, second = split_volume(a, *xs, scale=scale)
+    torch.testing.assert_close(first, -3.0 * det_volume(anchor, *data))
+    torch.testing.assert_close(second, first)
+    ((first * weights[0]).sum() + (second * weights[1]).sum()).backward()
+
+    ref_a, ref_xs = leaves()
+    ref_scale = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    to_anchor = volume(ref_a, *(x.detach() for x in ref_xs), scale=ref_scale)
+    to_data = volume(ref_a.detach(), *ref_xs, scale=ref_scale)
+    ((to_anchor * weights[0]).sum() + (to_data * weights[1]).sum()).backward()
+    torch.testing.assert_close(a.grad, ref_a.grad)
+    for x, ref_x in zip(xs, ref_xs):
+        torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(scale.grad, ref_scale.grad)

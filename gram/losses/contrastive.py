@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gram.distributed import all_gather, gather_sizes, get_world_size, rank_offset
 from gram.losses.config import LossConfig
-from gram.losses.similarity import SimilarityFn, get_similarity
+from gram.losses.similarity import SimilarityFn, get_similarity, get_split_similarity
 
 __all__ = ["ContrastiveLoss", "build_loss"]
 
@@ -47,41 +47,51 @@ def _select(
     return embeddings[anchor], [embeddings[n] for n in data_modalities]
 
 
+def _terms(logits: torch.Tensor) -> list[torch.Tensor]:
+    """The (B, N) matrices of logits (T, B, N).
+
+    squeeze/unbind, not iteration or indexing, which would copy the gradient back once per term.
+    """
+    return [logits.squeeze(0)] if logits.shape[0] == 1 else list(logits.unbind(0))
+
+
 def _merge_terms(logits: torch.Tensor) -> torch.Tensor:
     """(T, B, N) -> (B, N): the sum over score matrices (a view, not a copy, when T = 1)."""
     return logits[0] if logits.shape[0] == 1 else logits.sum(0)
 
 
 class _SquareTwoWayCrossEntropy(torch.autograd.Function):
-    """Row-wise and column-wise label-smoothed CE of one square logit matrix, positives on the diagonal.
+    """Row-wise and column-wise label-smoothed CE of square logit matrices, positives on the diagonal.
 
-    (B, B) -> (2,): [mean_i CE(L[i, :], i), mean_j CE(L[:, j], j)]. One fused backward writes
-    dL = g_row/B (softmax_rows - t) + g_col/B (softmax_cols - t), t the smoothed one-hot targets,
-    where autograd's two log-softmaxes (one of them over the strided dimension) and the smoothing
-    means would each make several more passes over the B x B matrix.
+    (B, B), (B, B) -> (2,): [mean_i CE(R[i, :], i), mean_j CE(C[:, j], j)], R and C usually the same
+    matrix (or equal ones whose gradients go to different inputs). The fused backward writes
+    dR = g_row/B (softmax_rows(R) - t) and dC = g_col/B (softmax_cols(C) - t), t the smoothed one-hot
+    targets, into one buffer when R is C, where autograd's two log-softmaxes (one over the strided
+    dimension) and the smoothing means would each make several more passes over the B x B matrix.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, smoothing: float) -> torch.Tensor:
-        row_lse = torch.logsumexp(logits, dim=1)  # (B,)
-        col_lse = torch.logsumexp(logits, dim=0)  # (B,)
-        diagonal = logits.diagonal()  # (B,)
-        row = row_lse - (1 - smoothing) * diagonal - smoothing * logits.mean(1)  # (B,)
-        col = col_lse - (1 - smoothing) * diagonal - smoothing * logits.mean(0)  # (B,)
-        ctx.save_for_backward(logits, row_lse, col_lse)
-        ctx.smoothing = smoothing
+    def forward(ctx: Any, rows: torch.Tensor, cols: torch.Tensor, smoothing: float) -> torch.Tensor:
+        row_lse = torch.logsumexp(rows, dim=1)  # (B,)
+        col_lse = torch.logsumexp(cols, dim=0)  # (B,)
+        row = row_lse - (1 - smoothing) * rows.diagonal() - smoothing * rows.mean(1)  # (B,)
+        col = col_lse - (1 - smoothing) * cols.diagonal() - smoothing * cols.mean(0)  # (B,)
+        ctx.save_for_backward(rows, cols, row_lse, col_lse)
+        ctx.smoothing, ctx.same = smoothing, rows is cols
         return torch.stack([row.mean(), col.mean()])  # (2,)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, row_lse, col_lse = ctx.saved_tensors
-        n, s = logits.shape[0], ctx.smoothing
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, cols, row_lse, col_lse = ctx.saved_tensors
+        n, s = rows.shape[0], ctx.smoothing
         g_row, g_col = (grad / n).tolist()
-        out = torch.sub(logits, row_lse.unsqueeze(1)).exp_().mul_(g_row)  # (B, B): row softmax term
-        out.add_(torch.sub(logits, col_lse.unsqueeze(0)).exp_(), alpha=g_col)  # + column softmax term
-        out.sub_(s * (g_row + g_col) / n)
-        out.diagonal().sub_((1 - s) * (g_row + g_col))
-        return out, None
+        grad_rows = torch.sub(rows, row_lse.unsqueeze(1)).exp_().mul_(g_row)  # (B, B): row softmax term
+        grad_cols = grad_rows if ctx.same else torch.zeros_like(cols)
+        grad_cols.add_(torch.sub(cols, col_lse.unsqueeze(0)).exp_(), alpha=g_col)  # column softmax term
+        for out, g in ((grad_rows, g_row), (grad_cols, g_col)):
+            out.sub_(s * g / n)
+            out.diagonal().sub_((1 - s) * g)
+        return grad_rows, (None if ctx.same else grad_cols), None
 
 
 class ContrastiveLoss(nn.Module):
@@ -97,6 +107,7 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.similarity = similarity if similarity is not None else get_similarity(cfg.name)
+        self.split_similarity = None if similarity is not None else get_split_similarity(cfg.name)
         log_param = cfg.temperature_parametrization == "log"
         init = torch.tensor(math.log(cfg.temperature_init) if log_param else cfg.temperature_init)
         if cfg.learnable_temperature:
@@ -148,20 +159,28 @@ class ContrastiveLoss(nn.Module):
 
     def _score_pair(
         self, anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (T, B, B_global) of local anchors vs all data and of local data vs all anchors.
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Logits of local anchors vs all data (T, B, B_global), of local data vs all anchors, and
+        whether the second is given as a square (T, B, B) anchor-by-data matrix (one rank) rather
+        than data-by-anchor (T, B, B_global).
 
-        The second is None when it is just the transpose of the first (one rank, full gradients).
+        On one rank both directions are the same function of the same tensors, so it is computed once:
+        shared with full gradients, or split so that each direction's gradient reaches only its own
+        side (the reference's detached gathering) where the similarity supports that.
         """
         with_grad = self.cfg.gather_with_grad
+        one_rank = get_world_size() == 1
+        if one_rank and with_grad:
+            logits = self.scores(anchor, data, scale, chunk_anchor=False)  # (T, B, B)
+            return logits, logits, True
+        unchunked = self.cfg.chunk_size == 0 or anchor.shape[0] <= self.cfg.chunk_size
+        if one_rank and unchunked and self.split_similarity is not None:
+            return (*self.split_similarity(anchor, data, scale), True)
         anchor_all = all_gather(anchor, with_grad)  # (B_global, d)
         data_all = [all_gather(x, with_grad) for x in data]  # [(B_global, d)]
         a2d = self.scores(anchor, data_all, scale, chunk_anchor=False)  # (T, B, B_global)
-        if with_grad and get_world_size() == 1:
-            # Both directions are the same function of the same tensors: compute it once.
-            return a2d, None
         d2a = self.scores(anchor_all, data, scale, chunk_anchor=True)  # (T, B_global, B)
-        return a2d, d2a.transpose(1, 2)  # (T, B, B_global)
+        return a2d, d2a.transpose(1, 2), False  # (T, B, B_global) each
 
     def _ce_over_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum over the T score matrices of the label-smoothed CE of logits (T, B, N) vs targets (B,)."""
@@ -193,13 +212,15 @@ class ContrastiveLoss(nn.Module):
         offset = rank_offset(gather_sizes(batch, anchor_local.device))
         targets = torch.arange(offset, offset + batch, device=anchor_local.device)  # (B,)
         tau = self.temperature()
-        logits_a2d, logits_d2a = self._score_pair(anchor_local, data_local, 1.0 / tau)  # (T, B, B_global)
-        if logits_d2a is None:  # one shared square matrix: data -> anchor is its column-wise CE
+        logits_a2d, logits_d2a, square = self._score_pair(anchor_local, data_local, 1.0 / tau)
+        if square:  # one rank: data -> anchor is the column-wise CE of an anchor-by-data matrix
             smoothing = self.cfg.label_smoothing
-            # squeeze/unbind, not iteration: selecting each term would copy the gradient back per term
-            terms = [logits_a2d.squeeze(0)] if logits_a2d.shape[0] == 1 else logits_a2d.unbind(0)
-            loss_a2d, loss_d2a = sum(_SquareTwoWayCrossEntropy.apply(term, smoothing) for term in terms)
-            logits_d2a = logits_a2d.transpose(1, 2)
+            rows = _terms(logits_a2d)
+            cols = rows if logits_d2a is logits_a2d else _terms(logits_d2a)  # same views: one fused buffer
+            loss_a2d, loss_d2a = sum(
+                _SquareTwoWayCrossEntropy.apply(r, c, smoothing) for r, c in zip(rows, cols)
+            )
+            logits_d2a = logits_d2a.transpose(1, 2)
         else:
             loss_a2d = self._ce_over_terms(logits_a2d, targets)
             loss_d2a = self._ce_over_terms(logits_d2a, targets)

@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gram.losses.volume import _check_inputs, _compute_dtype, as_scalar, simplex_volume, volume
+from gram.losses.volume import _check_inputs, _compute_dtype, as_scalar, simplex_volume, split_volume, volume
 
-__all__ = ["SimilarityFn", "get_similarity", "list_similarities"]
+__all__ = ["SimilarityFn", "SplitSimilarityFn", "get_similarity", "get_split_similarity", "list_similarities"]
 
 Scale = torch.Tensor | float
 SimilarityFn = Callable[[torch.Tensor, Sequence[torch.Tensor], Scale], torch.Tensor]
+SplitSimilarityFn = Callable[[torch.Tensor, Sequence[torch.Tensor], Scale], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -34,6 +35,15 @@ def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> lis
 def volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
     """GRAM: minus the k-volume of (anchor_i, data_j...), times scale -> (1, N1, N2)."""
     return volume(anchor, *data, scale=-scale).unsqueeze(0)
+
+
+def split_volume_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``volume_scores`` twice from one computation, (1, N1, N2) each: the first back-propagates only to
+    the anchor, the second only to the data (the reference's detached gathering, on one rank)."""
+    first, second = split_volume(anchor, *data, scale=-scale)
+    return first.unsqueeze(0), second.unsqueeze(0)
 
 
 def cosine_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
@@ -74,6 +84,16 @@ _SIMILARITIES: dict[str, SimilarityFn] = {
     "symile": symile_scores,
     "triangle": triangle_scores,
 }
+
+
+# Similarities that can give both loss directions from one computation with split gradients.
+_SPLIT_SIMILARITIES: dict[str, SplitSimilarityFn] = {"volume": split_volume_scores}
+
+
+def get_split_similarity(name: str) -> SplitSimilarityFn | None:
+    """The split-gradient form of similarity ``name``, or None (then each direction is computed)."""
+    get_similarity(name)  # validates the name
+    return _SPLIT_SIMILARITIES.get(name)
 
 
 def list_similarities() -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["negative_volume", "orthonormal_basis", "simplex_volume", "volume"]
+__all__ = ["negative_volume", "orthonormal_basis", "simplex_volume", "split_volume", "volume"]
 
 
 def _compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -134,6 +134,10 @@ class _ProjectedVolume(torch.autograd.Function):
     backward and every large elementwise pass is fused: plain autograd keeps and revisits several such
     tensors. The height's gradient is cut to 0 where dist^2 <= eps * |a|^2, the noise floor of this
     formula.
+
+    With ``split`` the function returns two equal matrices: the first back-propagates only to the
+    anchor, the second only to the data side (both to the scale). That is the reference's loss on one
+    rank, M1 = f(a, x.detach()) and M2 = f(a.detach(), x), for the price of one forward.
     """
 
     @staticmethod
@@ -144,7 +148,8 @@ class _ProjectedVolume(torch.autograd.Function):
         data_volume: torch.Tensor,
         scale: torch.Tensor,
         m: int,
-    ) -> torch.Tensor:
+        split: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         n1, n2 = anchor.shape[0], flat_basis.shape[0] // m
         anchor_sq = anchor.square().sum(-1, keepdim=True)  # (N1, 1)
         proj = (anchor @ flat_basis.T).view(n1, m, n2)  # (N1, d) @ (d, m*N2) -> (N1, m, N2)
@@ -153,26 +158,40 @@ class _ProjectedVolume(torch.autograd.Function):
             height.addcmul_(proj[:, p], proj[:, p], value=-1.0)
         height.clamp_min_(0).sqrt_()
         ctx.save_for_backward(anchor, flat_basis, data_volume, scale, proj, height, anchor_sq)
-        return height * (data_volume * scale)  # (N1, N2) * (N2,)
+        ctx.split = split
+        out = height * (data_volume * scale)  # (N1, N2) * (N2,)
+        return (out, out.clone()) if split else out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         anchor, flat_basis, data_volume, scale, proj, height, anchor_sq = ctx.saved_tensors
         n1, m, n2 = proj.shape
-        grad_factor = (grad * height).sum(0)  # (N2,): d loss / d (scale * data_volume)
-        grad_volume = grad_factor * scale if ctx.needs_input_grad[2] else None  # (N2,)
-        grad_scale = (grad_factor * data_volume).sum() if ctx.needs_input_grad[3] else None  # ()
-        # d out / d dist^2 = scale * data_volume / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
-        noise_floor = anchor_sq.sqrt() * math.sqrt(torch.finfo(height.dtype).eps)  # (N1, 1)
-        weight = grad * (data_volume * scale)  # (N1, N2)
-        weight.div_(height).masked_fill_(height <= noise_floor, 0.0)
-        grad_proj = (proj * weight.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); its sign is applied below
-        grad_anchor = grad_basis = None
-        if ctx.needs_input_grad[0]:  # a * sum_j w_ij - (N1, m*N2) @ (m*N2, d), in one buffer
-            grad_anchor = torch.mm(grad_proj, flat_basis).neg_().addcmul_(anchor, weight.sum(1, keepdim=True))
-        if ctx.needs_input_grad[1]:
-            grad_basis = torch.mm(grad_proj.T, anchor).neg_()  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
-        return grad_anchor, grad_basis, grad_volume, grad_scale, None
+        grad_a, grad_x = grads if ctx.split else (grads[0], grads[0])  # (N1, N2) each, or None
+        grad_anchor = grad_basis = grad_volume = grad_scale = None
+        factor = scale * data_volume  # (N2,)
+        # d out / d dist^2 = factor / (2 dist); d dist^2 / d a = 2 (a - sum_p proj_p q_p).
+        below = height <= anchor_sq.sqrt() * math.sqrt(torch.finfo(height.dtype).eps)  # (N1, N2)
+
+        def weighted_proj(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = (grad * factor).div_(height).masked_fill_(below, 0.0)  # (N1, N2)
+            return weight, (proj * weight.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); sign applied below
+
+        proj_a = None
+        if grad_a is not None and ctx.needs_input_grad[0]:  # a * sum_j w_ij - (N1, m*N2) @ (m*N2, d)
+            weight, proj_a = weighted_proj(grad_a)
+            grad_anchor = torch.mm(proj_a, flat_basis).neg_().addcmul_(anchor, weight.sum(1, keepdim=True))
+        if grad_x is not None and ctx.needs_input_grad[1]:
+            proj_x = proj_a if proj_a is not None and not ctx.split else weighted_proj(grad_x)[1]
+            grad_basis = torch.mm(proj_x.T, anchor).neg_()  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
+        grad_x_factor = (grad_x * height).sum(0) if grad_x is not None else None  # (N2,): d / d factor
+        if grad_x_factor is not None and ctx.needs_input_grad[2]:
+            grad_volume = grad_x_factor * scale
+        if ctx.needs_input_grad[3]:
+            parts = [] if grad_x_factor is None else [grad_x_factor]
+            if ctx.split and grad_a is not None:
+                parts.append((grad_a * height).sum(0))
+            grad_scale = (sum(parts) * data_volume).sum() if parts else None
+        return grad_anchor, grad_basis, grad_volume, grad_scale, None, None
 
 
 def _affine_height(anchor: torch.Tensor, flat_basis: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
@@ -219,13 +238,31 @@ def volume(anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | floa
         for float64 inputs), also under autocast. Equal to the reference's determinant formulation; see
         the module docstring for degenerate inputs (finite values and gradients; zero rows give 0).
     """
+    return _scaled_volume(anchor, data, scale, split=False)
+
+
+def split_volume(
+    anchor: torch.Tensor, *data: torch.Tensor, scale: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two equal (N1, N2) ``volume(anchor, *data, scale=scale)`` matrices with split gradients.
+
+    The first back-propagates only to ``anchor``, the second only to ``data`` (both to ``scale``):
+    ``volume(anchor, *(x.detach() for x in data))`` and ``volume(anchor.detach(), *data)`` for the
+    cost of one of them, i.e. the reference's two loss matrices on one rank.
+    """
+    return _scaled_volume(anchor, data, scale, split=True)
+
+
+def _scaled_volume(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: torch.Tensor | float, split: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(anchor, data)
     dtype = _compute_dtype([anchor, *data])
     with torch.autocast(device_type=anchor.device.type, enabled=False):
         a = anchor.to(dtype)
         # p-major rows, so each per-p slice of the projections is a contiguous (N1, N2) block row.
         flat, data_volume = orthonormal_basis([t.to(dtype) for t in data])  # (m*N2, d), (N2,)
-        return _ProjectedVolume.apply(a, flat, data_volume, as_scalar(scale, a), len(data))  # (N1, N2)
+        return _ProjectedVolume.apply(a, flat, data_volume, as_scalar(scale, a), len(data), split)
 
 
 def negative_volume(anchor: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
