@@ -8,10 +8,13 @@ forward and forward+backward time (best of the repeats) and the peak memory of o
 * InfoNCE:  pairwise cosine InfoNCE of the anchor against each of the same k-1 modalities.
 
 All three go through the same ``ContrastiveLoss`` (two-way label-smoothed CE, learnable temperature), so
-only the similarity differs. By default one process computes one B x B score matrix with full
-gradients (``gather_with_grad=True``); ``--detach-negatives`` uses the reference's gradient semantics
-instead (each direction computed separately with the other side detached). All ratios come from this
-one run. It also times DAM hard-negative sampling (vectorised vs the reference's per-sample loop).
+only the similarity differs. By default every method computes one B x B score matrix with full
+gradients (``gather_with_grad=True``), which isolates the cost of the similarity itself.
+``--detach-negatives`` uses the reference's gradient semantics (our default ``gather_with_grad=False``):
+the determinant version then computes both directions separately as the reference's loss does
+(M1 = f(t, V.detach(), A.detach()), M2 = f(T.detach(), v, a)), while ours and InfoNCE compute the matrix
+once and split its gradients (same values and gradients, tested). All ratios come from this one run.
+It also times DAM hard-negative sampling (vectorised vs the reference's per-sample loop).
 
 Usage: ``python bench/loss.py`` (full, several minutes) or ``python bench/loss.py --quick`` (smoke run).
 """
@@ -228,7 +231,11 @@ def format_row(batch: int, k: int, res: dict[str, dict[str, float]]) -> str:
 
 
 def header(args: argparse.Namespace) -> str:
-    grads = "reference (detached other side)" if args.detach_negatives else "one matrix, full gradients"
+    grads = (
+        "reference (other side detached; det: both directions computed, ours/InfoNCE: one split matrix)"
+        if args.detach_negatives
+        else "one matrix, full gradients"
+    )
     threads = torch.get_num_threads()
     lines = [
         f"GRAM loss bench: d={args.dim}, {args.device} {args.dtype}, {threads} threads, gradients: {grads}",

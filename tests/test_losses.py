@@ -314,5 +314,29 @@ def test_one_rank_reference_semantics_computes_the_volume_once(monkeypatch: pyte
     ):
         torch.testing.assert_close(out[key], ref[key])
     for name in base:
+        assert split_in[name].grad is not None
         torch.testing.assert_close(split_in[name].grad, twice_in[name].grad)
     torch.testing.assert_close(split_loss.temperature_param.grad, twice_loss.temperature_param.grad)
+
+
+@pytest.mark.parametrize("name", ["volume", "cosine", "symile", "triangle"])
+def test_split_path_equals_computing_each_direction(name: str) -> None:
+    """Every similarity: one-rank detached semantics give the reference's loss and gradients either way."""
+    base = {n: t.detach() for n, t in _four_modalities().items()}
+    data = [n for n in base if n != "text"]
+    results = []
+    for split in (True, False):
+        emb = leaves(base)
+        loss_fn = build_loss(LossConfig(name=name, gather_with_grad=False))
+        if not split:
+            loss_fn.split_similarity = None
+        out = loss_fn(emb, data)
+        out["loss"].backward()
+        results.append((out, emb, loss_fn.temperature_param.grad))
+    (out, emb, tau_grad), (ref, ref_emb, ref_tau_grad) = results
+    torch.testing.assert_close(out["loss"], ref["loss"])
+    torch.testing.assert_close(out["logits_data_to_anchor"], ref["logits_data_to_anchor"])
+    for n in base:
+        assert emb[n].grad is not None and emb[n].grad.abs().sum() > 0
+        torch.testing.assert_close(emb[n].grad, ref_emb[n].grad)
+    torch.testing.assert_close(tau_grad, ref_tau_grad)

@@ -14,6 +14,7 @@ the dot products that the loss compares.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +36,57 @@ def _as_compute_dtype(anchor: torch.Tensor, data: Sequence[torch.Tensor]) -> lis
 def volume_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
     """GRAM: minus the k-volume of (anchor_i, data_j...), times scale -> (1, N1, N2)."""
     return volume(anchor, *data, scale=-scale).unsqueeze(0)
+
+
+class _SplitBilinear(torch.autograd.Function):
+    """Two equal copies of scale * a @ y.T (N1, N2): the first back-propagates only to ``a``, the second
+    only to ``y`` (both to the scale), from one GEMM. ``scale`` must be nonzero (1/tau in the loss)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.mm(a, y.T).mul_(scale)  # (N1, d) @ (d, N2) -> (N1, N2)
+        ctx.save_for_backward(a, y, scale, out)
+        return out, out.clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_a: torch.Tensor | None, grad_y: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        a, y, scale, out = ctx.saved_tensors
+        to_a = None if grad_a is None else torch.mm(grad_a, y).mul_(scale)  # (N1, N2) @ (N2, d)
+        to_y = None if grad_y is None else torch.mm(grad_y.T, a).mul_(scale)  # (N2, N1) @ (N1, d)
+        to_scale = sum((g * out).sum() for g in (grad_a, grad_y) if g is not None) / scale
+        return to_a, to_y, to_scale
+
+
+def _split_bilinear_terms(
+    a: torch.Tensor, ys: Sequence[torch.Tensor], scale: Scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-gradient scale * a @ y.T for each y -> two (len(ys), N1, N2) tensors."""
+    pairs = [_SplitBilinear.apply(a, y, as_scalar(scale, a)) for y in ys]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def split_cosine_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cosine_scores`` twice from one set of GEMMs, split like ``split_volume_scores``."""
+    _check_inputs(anchor, data)
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a, *xs = _as_compute_dtype(anchor, data)
+        return _split_bilinear_terms(a, xs, scale)
+
+
+def split_symile_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``symile_scores`` twice from one GEMM, split like ``split_volume_scores``."""
+    _check_inputs(anchor, data)
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a, *xs = _as_compute_dtype(anchor, data)
+        return _split_bilinear_terms(a, [torch.stack(xs).prod(0)], scale)  # product (N2, d)
 
 
 def split_volume_scores(
@@ -87,7 +139,11 @@ _SIMILARITIES: dict[str, SimilarityFn] = {
 
 
 # Similarities that can give both loss directions from one computation with split gradients.
-_SPLIT_SIMILARITIES: dict[str, SplitSimilarityFn] = {"volume": split_volume_scores}
+_SPLIT_SIMILARITIES: dict[str, SplitSimilarityFn] = {
+    "volume": split_volume_scores,
+    "cosine": split_cosine_scores,
+    "symile": split_symile_scores,
+}
 
 
 def get_split_similarity(name: str) -> SplitSimilarityFn | None:
