@@ -8,13 +8,13 @@ forward and forward+backward time (best of the repeats) and the peak memory of o
 * InfoNCE:  pairwise cosine InfoNCE of the anchor against each of the same k-1 modalities.
 
 All three go through the same ``ContrastiveLoss`` (two-way label-smoothed CE, learnable temperature), so
-only the similarity differs. By default every method computes one B x B score matrix with full
-gradients (``gather_with_grad=True``), which isolates the cost of the similarity itself.
-``--detach-negatives`` uses the reference's gradient semantics (our default ``gather_with_grad=False``):
-the determinant version then computes both directions separately as the reference's loss does
-(M1 = f(t, V.detach(), A.detach()), M2 = f(T.detach(), v, a)), while ours and InfoNCE compute the matrix
-once and split its gradients (same values and gradients, tested). All ratios come from this one run.
-It also times DAM hard-negative sampling (vectorised vs the reference's per-sample loop).
+only the similarity differs. By default every method runs with the reference's gradient semantics, our
+default ``gather_with_grad=False``: the determinant version computes both directions separately as the
+reference's loss does (M1 = f(t, V.detach(), A.detach()), M2 = f(T.detach(), v, a)), while ours and
+InfoNCE compute the matrix once and split its gradients (same values and gradients, tested).
+``--full-gradients`` instead gives every method one shared B x B matrix with full gradients
+(``gather_with_grad=True``), which isolates the cost of the similarity itself. All ratios come from
+this one run. It also times DAM hard-negative sampling (vectorised vs the reference's per-sample loop).
 
 Usage: ``python bench/loss.py`` (full, several minutes) or ``python bench/loss.py --quick`` (smoke run).
 """
@@ -39,9 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 4, 5])
-    parser.add_argument(
-        "--repeats", type=int, default=6, help="timed repeats (x4 at B <= 256)"
-    )
+    parser.add_argument("--repeats", type=int, default=6, help="timed repeats (x4 at B <= 256)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     parser.add_argument(
@@ -50,7 +48,9 @@ def parse_args() -> argparse.Namespace:
         default="float32",
         help="bfloat16 runs the losses under autocast",
     )
-    parser.add_argument("--detach-negatives", action="store_true", help="reference gradient semantics")
+    parser.add_argument(
+        "--full-gradients", action="store_true", help="one shared matrix with full gradients for every method"
+    )
     parser.add_argument("--sampling-batch", type=int, default=1024)
     args = parser.parse_args()
     if args.quick:
@@ -91,8 +91,7 @@ def make_embeddings(batch: int, k: int, dim: int, device: str) -> dict[str, torc
     }
 
 
-def build_methods(detach: bool) -> dict[str, ContrastiveLoss]:
-    with_grad = not detach
+def build_methods(with_grad: bool) -> dict[str, ContrastiveLoss]:
     return {
         "ours": ContrastiveLoss(LossConfig(name="volume", gather_with_grad=with_grad)),
         "det": ContrastiveLoss(
@@ -232,9 +231,9 @@ def format_row(batch: int, k: int, res: dict[str, dict[str, float]]) -> str:
 
 def header(args: argparse.Namespace) -> str:
     grads = (
-        "reference (other side detached; det: both directions computed, ours/InfoNCE: one split matrix)"
-        if args.detach_negatives
-        else "one matrix, full gradients"
+        "one shared matrix, full gradients"
+        if args.full_gradients
+        else "reference (other side detached; det: both directions computed, ours/InfoNCE: one split matrix)"
     )
     threads = torch.get_num_threads()
     lines = [
@@ -255,7 +254,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = {name: fn.to(args.device) for name, fn in build_methods(args.detach_negatives).items()}
+    methods = {name: fn.to(args.device) for name, fn in build_methods(args.full_gradients).items()}
     print(header(args), flush=True)
     for batch in args.batch_sizes:
         repeats = repeats_for(batch, args.repeats)

@@ -86,8 +86,8 @@ class _SquareTwoWayCrossEntropy(torch.autograd.Function):
         n, s = rows.shape[0], ctx.smoothing
         g_row, g_col = (grad / n).tolist()
         grad_rows = torch.sub(rows, row_lse.unsqueeze(1)).exp_().mul_(g_row)  # (B, B): row softmax term
-        grad_cols = grad_rows if ctx.same else torch.zeros_like(cols)
-        grad_cols.add_(torch.sub(cols, col_lse.unsqueeze(0)).exp_(), alpha=g_col)  # column softmax term
+        col_softmax = torch.sub(cols, col_lse.unsqueeze(0)).exp_()  # (B, B)
+        grad_cols = grad_rows.add_(col_softmax, alpha=g_col) if ctx.same else col_softmax.mul_(g_col)
         for out, g in ((grad_rows, g_row), (grad_cols, g_col)):
             out.sub_(s * g / n)
             out.diagonal().sub_((1 - s) * g)

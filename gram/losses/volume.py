@@ -176,13 +176,7 @@ class _ProjectedVolume(torch.autograd.Function):
             weight = (grad * factor).div_(height).masked_fill_(below, 0.0)  # (N1, N2)
             return weight, (proj * weight.unsqueeze(1)).view(n1, m * n2)  # (N1, m*N2); sign applied below
 
-        proj_a = None
-        if grad_a is not None and ctx.needs_input_grad[0]:  # a * sum_j w_ij - (N1, m*N2) @ (m*N2, d)
-            weight, proj_a = weighted_proj(grad_a)
-            grad_anchor = torch.mm(proj_a, flat_basis).neg_().addcmul_(anchor, weight.sum(1, keepdim=True))
-        if grad_x is not None and ctx.needs_input_grad[1]:
-            proj_x = proj_a if proj_a is not None and not ctx.split else weighted_proj(grad_x)[1]
-            grad_basis = torch.mm(proj_x.T, anchor).neg_()  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
+        # The small per-sample gradients first, while no (N, d)-sized gradient buffer is alive yet.
         grad_x_factor = (grad_x * height).sum(0) if grad_x is not None else None  # (N2,): d / d factor
         if grad_x_factor is not None and ctx.needs_input_grad[2]:
             grad_volume = grad_x_factor * scale
@@ -191,6 +185,18 @@ class _ProjectedVolume(torch.autograd.Function):
             if ctx.split and grad_a is not None:
                 parts.append((grad_a * height).sum(0))
             grad_scale = (sum(parts) * data_volume).sum() if parts else None
+        proj_a = None
+        if grad_a is not None and ctx.needs_input_grad[0]:  # a * sum_j w_ij - (N1, m*N2) @ (m*N2, d)
+            weight, proj_a = weighted_proj(grad_a)
+            grad_anchor = torch.mm(proj_a, flat_basis).neg_().addcmul_(anchor, weight.sum(1, keepdim=True))
+            del weight
+        if grad_x is not None and ctx.needs_input_grad[1]:
+            if proj_a is None or ctx.split:
+                proj_a = None  # freed before the data side's own buffer is allocated
+                proj_x = weighted_proj(grad_x)[1]
+            else:
+                proj_x = proj_a
+            grad_basis = torch.mm(proj_x.T, anchor).neg_()  # (m*N2, N1) @ (N1, d) -> (m*N2, d)
         return grad_anchor, grad_basis, grad_volume, grad_scale, None, None
 
 
