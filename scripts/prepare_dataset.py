@@ -10,8 +10,12 @@ For every video ``<videos>/<id>.<ext>`` (or, with ``--annotations``, every id of
   1 s) and optionally a lower ``--fps`` / ``--short-side``. Sampling 8 frames then costs about the same for
   a 3-minute video as for a 6-second one (see ``bench/data.py``). Without it, point the dataset config's
   ``video_dir`` at the original folder;
-* ``<out>/manifest.json``: one entry per id (source, written files, frames, fps, size, duration, whether
-  there is audio, and the error if the file could not be read), plus the ids with no video.
+* clips named after a segment of a longer video (VATEX ``<YouTube id>_000179_000189``, YouCook2
+  ``<id>_47_60``, AudioCaps ``<id>_100.000_110.000``, in seconds) whose own file is absent are cut out of
+  ``<videos>/<YouTube id>.<ext>`` when that exists: ``<out>/videos/<clip id>.mp4`` (re-encoded, so the cut
+  is frame-exact) and its audio (needs ``--annotations``, which lists the clip ids);
+* ``<out>/manifest.json``: one entry per id (source, segment, written files, frames, fps, size, duration,
+  whether there is audio, and the error if the file could not be read), plus the ids with no video.
 
 Existing outputs are kept (the script can be re-run after an interruption) unless ``--overwrite``.
 Exit status 1 when any video could not be read (they are listed in the summary and the manifest).
@@ -31,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 
-from gram.data.annotations import read_annotations, resolve_media
+from gram.data.annotations import read_annotations, resolve_media, segment_of
 from gram.data.audio import MediaDecodeError, MediaError
 from gram.data.video import reencode_video
 
@@ -72,9 +77,12 @@ def probe(path: Path) -> dict:
         raise MediaDecodeError(f"cannot open {path}: {err}") from err
 
 
-def extract_audio(src: Path, dst: Path, sample_rate: int = AUDIO_RATE) -> float:
+def extract_audio(
+    src: Path, dst: Path, sample_rate: int = AUDIO_RATE, segment: tuple[float, float] | None = None
+) -> float:
     """Write the first audio track of ``src`` to ``dst`` (format from its suffix), mono at ``sample_rate``.
 
+    ``segment`` (start, end) in seconds keeps only that part (cut at sample precision after resampling).
     Returns the duration written in seconds. The file appears only when complete (written beside, renamed).
     """
     codec = AUDIO_CODECS[dst.suffix.lstrip(".")]
@@ -86,8 +94,15 @@ def extract_audio(src: Path, dst: Path, sample_rate: int = AUDIO_RATE) -> float:
                 raise MediaDecodeError(f"no audio stream in {src}")
             out = sink.add_stream(codec, rate=sample_rate, layout="mono")
             resampler = av.AudioResampler(format=out.codec_context.format, layout="mono", rate=sample_rate)
+            if segment is not None and segment[0] > 1:
+                source.seek(int((segment[0] - 1) * av.time_base))  # audio frames are all keyframes
+            keep = _SampleWindow(sample_rate, segment)
             for frame in [*source.decode(source.streams.audio[0]), None]:  # None flushes the resampler
+                keep.anchor(frame)
                 for chunk in resampler.resample(frame):
+                    chunk = keep.cut(chunk)
+                    if chunk is None:
+                        continue
                     chunk.pts = None  # let the encoder number the re-chunked samples
                     samples += chunk.samples
                     sink.mux(out.encode(chunk))
@@ -102,47 +117,99 @@ def extract_audio(src: Path, dst: Path, sample_rate: int = AUDIO_RATE) -> float:
     return samples / sample_rate
 
 
-def prepare_one(video_id: str, src: Path, opts: Options) -> dict:
-    """Audio extraction and optional re-encode of one video; errors are recorded, not raised."""
-    entry: dict = {"video_id": video_id, "source": str(src), "video": str(src), "audio": None, "error": None}
+class _SampleWindow:
+    """Keeps the resampled samples of a segment: sample k of the output lies at t0 + k / rate, t0 the time
+    of the first decoded frame."""
+
+    def __init__(self, rate: int, segment: tuple[float, float] | None):
+        self.rate, self.segment = rate, segment
+        self.position = 0  # output samples seen so far
+        self.window: tuple[int, int] | None = None
+
+    def anchor(self, frame: av.AudioFrame | None) -> None:
+        if self.segment is None or self.window is not None or frame is None:
+            return
+        start_time = frame.time or 0.0
+        start, end = ((t - start_time) * self.rate for t in self.segment)
+        self.window = (max(0, round(start)), max(0, round(end)))
+
+    def cut(self, chunk: av.AudioFrame) -> av.AudioFrame | None:
+        """The part of ``chunk`` inside the window (the whole chunk without a segment), or None."""
+        first, self.position = self.position, self.position + chunk.samples
+        if self.segment is None:
+            return chunk
+        lo, hi = self.window or (0, 0)
+        lo, hi = max(lo - first, 0), min(hi - first, chunk.samples)
+        if lo >= hi:
+            return None
+        if (lo, hi) == (0, chunk.samples):
+            return chunk
+        array = chunk.to_ndarray()  # (channels, samples) or (1, samples * channels) when packed
+        part = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(array[:, lo:hi]), format=chunk.format.name, layout=chunk.layout.name
+        )
+        part.sample_rate = chunk.sample_rate
+        return part
+
+
+def prepare_one(video_id: str, src: Path, opts: Options, segment: tuple[float, float] | None = None) -> dict:
+    """Audio extraction and optional re-encode (always, for a segment) of one video; errors are recorded."""
+    entry: dict = {"video_id": video_id, "source": str(src), "video": str(src), "audio": None, "error": None,
+                   "segment": list(segment) if segment else None}
     try:
         entry.update(probe(src))
         if entry["has_audio"]:
             audio = opts.out / "audios" / f"{video_id}.{opts.audio_format}"
             if opts.overwrite or not audio.is_file():
-                extract_audio(src, audio)
+                extract_audio(src, audio, segment=segment)
             entry["audio"] = str(audio)
-        if opts.reencode:
-            entry.update(_reencode(video_id, src, opts))
+        if opts.reencode or segment:
+            entry.update(_reencode(video_id, src, opts, segment))
     except MediaError as err:
         entry["error"] = str(err)
     return entry
 
 
-def _reencode(video_id: str, src: Path, opts: Options) -> dict:
+def _reencode(video_id: str, src: Path, opts: Options, segment: tuple[float, float] | None = None) -> dict:
     dst = opts.out / "videos" / f"{video_id}.mp4"
     if dst.is_file() and not opts.overwrite:
         info = probe(dst)
         return {"video": str(dst), "frames": info["frames"], "fps": info["fps"],
-                "width": info["width"], "height": info["height"]}
+                "width": info["width"], "height": info["height"], "duration": info["duration"]}
     tmp = dst.with_name(dst.stem + ".partial.mp4")
-    info = reencode_video(src, tmp, fps=opts.fps, short_side=opts.short_side, gop_seconds=opts.gop_seconds)
+    start, end = segment if segment else (None, None)
+    info = reencode_video(src, tmp, fps=opts.fps, short_side=opts.short_side, gop_seconds=opts.gop_seconds,
+                          start=start, end=end)
     tmp.replace(dst)
-    return {"video": str(dst), **info}
+    return {"video": str(dst), **info, "duration": probe(dst)["duration"]}
 
 
-def find_videos(videos: Path, annotations: Path | None, extensions: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """{id: video file} and the annotated ids without a video (always [] without ``annotations``)."""
+Source = tuple[Path, tuple[float, float] | None]  # a video file and the segment of it to cut, if any
+
+
+def find_videos(videos: Path, annotations: Path | None, extensions: list[str]) -> tuple[dict[str, Source], list[str]]:
+    """{id: (video file, segment)} and the annotated ids without a video (always [] without ``annotations``).
+
+    An annotated clip id with no file of its own falls back to the full video its name points to.
+    """
     if annotations is None:
-        found = {p.stem: p for p in sorted(videos.iterdir())
+        found = {p.stem: (p, None) for p in sorted(videos.iterdir())
                  if p.is_file() and p.suffix.lstrip(".").lower() in extensions}
         return found, []
     ids = list(dict.fromkeys(r.video_id for r in read_annotations(annotations, allow_empty_captions=True)))
-    resolved = {i: resolve_media(videos, i, extensions) for i in ids}
-    return {i: p for i, p in resolved.items() if p is not None}, [i for i, p in resolved.items() if p is None]
+    found, missing = {}, []
+    for video_id in ids:
+        path, segment = resolve_media(videos, video_id, extensions), None
+        if path is None and (parsed := segment_of(video_id)) is not None:
+            path, segment = resolve_media(videos, parsed[0], extensions), parsed[1:]
+        if path is None:
+            missing.append(video_id)
+        else:
+            found[video_id] = (path, segment)
+    return found, missing
 
 
-def _prepare_star(job: tuple[str, Path, Options]) -> dict:
+def _prepare_star(job: tuple[str, Path, Options, tuple[float, float] | None]) -> dict:
     return prepare_one(*job)
 
 
@@ -153,7 +220,7 @@ def run(videos: Path, opts: Options, annotations: Path | None, extensions: list[
     found, missing = find_videos(videos, annotations, extensions)
     for folder in ("audios", "videos") if opts.reencode else ("audios",):
         (opts.out / folder).mkdir(parents=True, exist_ok=True)
-    jobs = [(video_id, path, opts) for video_id, path in found.items()]
+    jobs = [(video_id, path, opts, segment) for video_id, (path, segment) in found.items()]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             entries = list(pool.map(_prepare_star, jobs, chunksize=8))
@@ -174,6 +241,7 @@ def summary(manifest: dict) -> str:
     failed = [e for e in entries if e["error"]]
     rows = [
         ("videos processed", len(entries)),
+        ("clips cut from longer videos", sum(bool(e.get("segment")) for e in entries)),
         ("audio tracks written", sum(e["audio"] is not None for e in entries)),
         ("videos without audio track", sum(e["error"] is None and not e.get("has_audio") for e in entries)),
         ("unreadable videos", len(failed)),

@@ -199,3 +199,61 @@ def test_check_dataset_on_the_shipped_annotations_without_media(tmp_path, datase
     counts = result["counts"]
     assert (counts["records"], counts["dropped as corrupted"]) == (records, dropped)
     assert counts["missing video"] == records and counts["missing audio"] == records
+
+
+def test_segment_ids_are_parsed_from_the_right():
+    from gram.data.annotations import segment_of
+
+    assert segment_of("G9zN5TTuGO4_000179_000189") == ("G9zN5TTuGO4", 179.0, 189.0)  # VATEX
+    assert segment_of("xHr8X2Wpmno_47_60") == ("xHr8X2Wpmno", 47.0, 60.0)  # YouCook2
+    assert segment_of("GOD8Bt5LfDE_100.000_110.000") == ("GOD8Bt5LfDE", 100.0, 110.0)  # AudioCaps
+    assert segment_of("a_b_c_1_2") == ("a_b_c", 1.0, 2.0)  # YouTube ids may contain "_"
+    assert segment_of("video7010") is None and segment_of("clip_5_5") is None and segment_of("x_9_3") is None
+
+
+def test_prepare_cuts_annotated_segments_out_of_full_videos(tmp_path):
+    """VATEX/AudioCaps-style clip ids are cut (video frame-exact, audio sample-exact) from <source>.mp4."""
+    downloads, fps, seconds = tmp_path / "full", 20, 6
+    downloads.mkdir()
+    with av.open(str(downloads / "yt_id_A.mp4"), "w") as container:  # frame i is grey level 2 i
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        video.options = {"g": "50", "crf": "10"}
+        audio = container.add_stream("aac", rate=22050, layout="stereo")
+        for i in range(fps * seconds):
+            image = np.full((32, 32, 3), 2 * i, dtype=np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        t = np.arange(22050 * seconds) / 22050
+        tone = ((0.05 + 0.1 * t) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)  # louder over time
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(np.stack([tone[start : start + 1024]] * 2), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = 22050, start, Fraction(1, 22050)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    annotation = tmp_path / "clips.json"
+    ids = ["yt_id_A_000002_000004", "yt_id_A_3.500_5.000", "gone_000001_000003"]
+    annotation.write_text(json.dumps([{"video_id": i, "desc": "a clip"} for i in ids]))
+
+    out = tmp_path / "out"
+    code = prepare.main(["--videos", str(downloads), "--out", str(out), "--annotations", str(annotation),
+                         "--audio-format", "wav", "--workers", "1"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["missing_video_ids"] == ["gone_000001_000003"]
+    entries = {e["video_id"]: e for e in manifest["entries"]}
+    for clip_id, (start, end) in (("yt_id_A_000002_000004", (2, 4)), ("yt_id_A_3.500_5.000", (3.5, 5))):
+        assert entries[clip_id]["segment"] == [start, end]
+        frames = decode_frames(out / "videos" / f"{clip_id}.mp4", lambda n: list(range(n))).numpy()
+        assert len(frames) == round((end - start) * fps)
+        levels = frames.reshape(len(frames), -1).mean(1)
+        expected = 2 * (np.arange(len(frames)) + round(start * fps))
+        assert np.abs(levels - expected).max() < 3, (levels[:3], expected[:3])
+        with av.open(str(out / "audios" / f"{clip_id}.wav")) as written:
+            assert written.streams.audio[0].rate == 16000 and written.streams.audio[0].channels == 1
+        waveform = load_waveform(out / "audios" / f"{clip_id}.wav")  # (T,) at 16 kHz
+        assert abs(waveform.shape[-1] - (end - start) * 16000) <= 2
+        # the amplitude ramp dates the cut: mean |sine| = 2 / pi of the envelope at the segment's ends
+        for edge, at in ((waveform[:1600], start + 0.05), (waveform[-1600:], end - 0.05)):
+            assert edge.abs().mean().item() == pytest.approx(2 / np.pi * (0.05 + 0.1 * at), rel=0.1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -116,6 +117,23 @@ def resolve_media(directory: PathType, video_id: str, extensions: Sequence[str])
         if candidate.is_file():
             return candidate
     return None
+
+
+_SEGMENT_ID = re.compile(r"^(?P<source>.+)_(?P<start>\d+(?:\.\d+)?)_(?P<end>\d+(?:\.\d+)?)$")
+
+
+def segment_of(video_id: str) -> tuple[str, float, float] | None:
+    """(source id, start s, end s) for clip ids named after a segment of a longer video, else None.
+
+    VATEX (``G9zN5TTuGO4_000179_000189``), YouCook2 (``xHr8X2Wpmno_47_60``) and AudioCaps
+    (``GOD8Bt5LfDE_100.000_110.000``) name clips ``<YouTube id>_<start>_<end>`` in seconds; YouTube ids
+    may themselves contain ``_``, so the two numbers are taken from the right.
+    """
+    match = _SEGMENT_ID.match(video_id)
+    if match is None:
+        return None
+    start, end = float(match["start"]), float(match["end"])
+    return (match["source"], start, end) if end > start else None
 
 
 def _load_json(path: Path) -> Any:

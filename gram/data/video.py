@@ -530,8 +530,13 @@ def reencode_video(
     gop_seconds: float = 1.0,
     crf: int = 23,
     preset: str = "veryfast",
+    start: float | None = None,
+    end: float | None = None,
 ) -> dict:
     """Re-encode the video track of ``src`` to an H.264 mp4 at ``dst`` that samples fast (no audio track).
+
+    ``start``/``end`` (seconds) keep only the frames shown in [start, end), e.g. to cut a dataset's clip
+    out of the full video; the source is sought to the keyframe before ``start`` first.
 
     ``fps`` and ``short_side`` only ever lower the frame rate / size (None keeps them). A keyframe every
     ``gop_seconds`` bounds what any sampled frame costs to decode, whatever the video's length. The
@@ -551,6 +556,8 @@ def reencode_video(
             out_fps = min(fps, in_fps) if fps else in_fps
             width, height = _scaled_size(stream.codec_context.width, stream.codec_context.height, short_side)
             graph = _filter_graph(stream, out_fps, width, height)
+            if start and stream.time_base:
+                source.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
             dst.parent.mkdir(parents=True, exist_ok=True)
             with av.open(str(dst), "w") as sink:
                 frames = _encode_filtered(
@@ -562,6 +569,7 @@ def reencode_video(
                     (width, height),
                     gop_seconds,
                     {"crf": str(crf), "preset": preset},
+                    (start, end),
                 )
     except av.FFmpegError as err:
         raise MediaDecodeError(f"cannot re-encode {src} to {dst}: {err}") from err
@@ -590,17 +598,26 @@ def _filter_graph(stream: av.VideoStream, fps: float, width: int, height: int) -
 
 
 def _encode_filtered(
-    source, stream, graph, sink, fps: float, size: tuple[int, int], gop_seconds: float, options: dict
+    source,
+    stream,
+    graph,
+    sink,
+    fps: float,
+    size: tuple[int, int],
+    gop_seconds: float,
+    options: dict,
+    span: tuple[float | None, float | None] = (None, None),
 ) -> int:
-    """Decode -> filter graph -> libx264; returns the number of frames written."""
+    """Decode -> filter graph -> libx264 for the frames shown in ``span`` (seconds; None: open);
+    returns the number of frames written."""
     rate = Fraction(fps).limit_denominator(1001)
     out = sink.add_stream("libx264", rate=rate)
     out.width, out.height, out.pix_fmt = size[0], size[1], "yuv420p"
     out.options = {**options, "g": str(max(1, round(gop_seconds * fps)))}
-    decoded = source.decode(stream)
+    decoded = _frames_in_span(source.decode(stream), *span)
     first = next(decoded, None)
     if first is None:
-        raise MediaDecodeError(f"no video frame could be decoded from {source.name}")
+        raise MediaDecodeError(f"no video frame could be decoded from {source.name} in {span}")
     if first.rotation:
         out.set_display_rotation(first.rotation)  # keep phone videos upright (metadata only)
     written = 0
@@ -612,6 +629,19 @@ def _encode_filtered(
             written += 1
     sink.mux(out.encode())
     return written
+
+
+def _frames_in_span(
+    frames: Iterator[av.VideoFrame], start: float | None, end: float | None
+) -> Iterator[av.VideoFrame]:
+    """The frames whose time lies in [start, end) (frames without a timestamp are kept)."""
+    for frame in frames:
+        time = frame.time
+        if time is not None and start is not None and time < start:
+            continue
+        if time is not None and end is not None and time >= end:
+            return
+        yield frame
 
 
 def _pull_all(graph: av.filter.Graph) -> list[av.VideoFrame]:
