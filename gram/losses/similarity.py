@@ -61,32 +61,31 @@ class _SplitBilinear(torch.autograd.Function):
         return to_a, to_y, to_scale
 
 
-def _split_bilinear_terms(
-    a: torch.Tensor, ys: Sequence[torch.Tensor], scale: Scale
+def _split_bilinear_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale, multilinear: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-gradient scale * a @ y.T for each y -> two (len(ys), N1, N2) tensors."""
-    pairs = [_SplitBilinear.apply(a, y, as_scalar(scale, a)) for y in ys]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    """Split-gradient cosine (one term per data tensor) or Symile (one term: their product) scores,
+    two (T, N1, N2) tensors."""
+    _check_inputs(anchor, data)
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a, *xs = _as_compute_dtype(anchor, data)
+        ys = [torch.stack(xs).prod(0)] if multilinear else xs  # each (N2, d)
+        pairs = [_SplitBilinear.apply(a, y, as_scalar(scale, a)) for y in ys]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def split_cosine_scores(
     anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cosine_scores`` twice from one set of GEMMs, split like ``split_volume_scores``."""
-    _check_inputs(anchor, data)
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a, *xs = _as_compute_dtype(anchor, data)
-        return _split_bilinear_terms(a, xs, scale)
+    return _split_bilinear_scores(anchor, data, scale, multilinear=False)
 
 
 def split_symile_scores(
     anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``symile_scores`` twice from one GEMM, split like ``split_volume_scores``."""
-    _check_inputs(anchor, data)
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a, *xs = _as_compute_dtype(anchor, data)
-        return _split_bilinear_terms(a, [torch.stack(xs).prod(0)], scale)  # product (N2, d)
+    return _split_bilinear_scores(anchor, data, scale, multilinear=True)
 
 
 def split_volume_scores(
