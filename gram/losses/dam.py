@@ -12,7 +12,7 @@ are scored by a matching callable (e.g. BERT cross-attention over the data token
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,35 +65,40 @@ def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_one_per_row(
-    logits: torch.Tensor, offset: int, eps: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Draw one column per row from ``negative_sampling_probs`` by inverse-CDF sampling -> (B,).
+    logits: Sequence[torch.Tensor], offset: int, eps: float, generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """Draw one column per row from ``negative_sampling_probs`` of each (B, N) matrix -> [(B,), ...].
 
-    Only B uniforms are drawn (multinomial draws B x N exponentials, which dominates its cost). The
-    weights exp(l - max) + eps * sum exp(l - max) are proportional to softmax + eps. The search is
-    two-level: running sums over blocks of 32 columns pick a block, then one block's running sum picks
-    the column, so no full-width cumulative sum is needed. The positive's weight is exactly 0 and every
-    search returns the first column whose running sum exceeds a target in [0, total), i.e. a column
-    with positive weight: the positive (and the zero padding) can never be drawn, whatever the rounding.
+    Only B uniforms are drawn per matrix (multinomial draws B x N exponentials, which dominates its
+    cost). The weights exp(l - max) + eps * sum exp(l - max) are proportional to softmax + eps. The
+    search is two-level: running sums over blocks of 32 columns pick a block, then one block's running
+    sum picks the column, so no full-width cumulative sum is needed. The positive's weight is exactly 0
+    and every search returns the first column whose running sum exceeds a target in [0, total), i.e. a
+    column with positive weight: the positive (and the zero padding) can never be drawn, whatever the
+    rounding. The matrices are written into one buffer so every step runs once for all of them.
     """
-    batch, total = logits.shape
-    rows = torch.arange(batch, device=logits.device)
-    blocks = -(-total // _BLOCK)
-    padded = torch.zeros(batch, blocks * _BLOCK, device=logits.device)  # (B, N_pad), zero padding
-    weights = padded[:, :total]  # (B, N) view
-    torch.sub(logits.float(), logits.float().amax(dim=1, keepdim=True), out=weights).exp_()
+    sizes, total, device = [m.shape[0] for m in logits], logits[0].shape[1], logits[0].device
+    batch, blocks = sum(sizes), -(-total // _BLOCK)
+    rows = torch.arange(batch, device=device)
+    positives = torch.cat([torch.arange(n, device=device) + offset for n in sizes])  # (B_all,)
+    padded = torch.empty(batch, blocks * _BLOCK, device=device)  # (B_all, N_pad)
+    padded[:, total:].zero_()  # only the padding: the weights overwrite the rest
+    weights = padded[:, :total]  # (B_all, N) view
+    for part, matrix in zip(weights.split(sizes), logits):
+        torch.sub(matrix.float(), matrix.float().amax(dim=1, keepdim=True), out=part)
+    weights.exp_()
     weights.add_(weights.sum(dim=1, keepdim=True) * eps)
-    weights[rows, rows + offset] = 0.0
-    tiles = padded.view(batch, blocks, _BLOCK)  # (B, N_pad / 32, 32)
-    block_cdf = tiles.sum(-1).cumsum_(dim=1)  # (B, blocks)
-    target = torch.rand(batch, 1, device=logits.device, generator=generator) * block_cdf[:, -1:]  # (B, 1)
+    weights[rows, positives] = 0.0
+    tiles = padded.view(batch, blocks, _BLOCK)  # (B_all, N_pad / 32, 32)
+    block_cdf = tiles.sum(-1).cumsum_(dim=1)  # (B_all, blocks)
+    target = torch.rand(batch, 1, device=device, generator=generator) * block_cdf[:, -1:]  # (B_all, 1)
     target = _below(target, block_cdf[:, -1:])
-    block = torch.searchsorted(block_cdf, target, right=True)  # (B, 1)
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)  # (B, 1)
-    inner_cdf = tiles[rows, block.squeeze(1)].cumsum(dim=1)  # (B, 32)
-    inner_target = _below((target - before).clamp_min(0), inner_cdf[:, -1:])  # (B, 1)
-    column = torch.searchsorted(inner_cdf, inner_target, right=True)  # (B, 1)
-    return (block * _BLOCK + column).squeeze(1)
+    block = torch.searchsorted(block_cdf, target, right=True)  # (B_all, 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)  # (B_all, 1)
+    inner_cdf = tiles[rows, block.squeeze(1)].cumsum(dim=1)  # (B_all, 32)
+    inner_target = _below((target - before).clamp_min(0), inner_cdf[:, -1:])  # (B_all, 1)
+    column = torch.searchsorted(inner_cdf, inner_target, right=True)  # (B_all, 1)
+    return list((block * _BLOCK + column).squeeze(1).split(sizes))
 
 
 def sample_hard_negatives(
@@ -118,12 +123,16 @@ def sample_hard_negatives(
         neg_data_idx (B,): a global data index per local anchor; neg_anchor_idx (B,): a global
         anchor index per local data item.
     """
-    negatives = []
+    both = (logits_anchor_to_data.detach(), logits_data_to_anchor.detach())
+    for logits in both:
+        _check_offset(logits, offset)
+    if both[0].shape[1] != both[1].shape[1]:
+        raise ValueError(
+            f"both logit matrices need the same global batch, got {both[0].shape} and {both[1].shape}"
+        )
     with torch.no_grad():
-        for logits in (logits_anchor_to_data, logits_data_to_anchor):
-            _check_offset(logits, offset)
-            negatives.append(_sample_one_per_row(logits.detach(), offset, eps, generator))
-    return negatives[0], negatives[1]
+        neg_data, neg_anchor = _sample_one_per_row(both, offset, eps, generator)
+    return neg_data, neg_anchor
 
 
 def _check_dam_inputs(
