@@ -180,8 +180,12 @@ class VideoTextDataset(Dataset):
         files = {"video": paths.video, "depth": paths.depth, "audio": paths.audio or paths.video}
         return lambda role: contextlib.nullcontext(files[role])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``index``, or ``(epoch, index)``: persistent loader workers hold their own copy of the
+        dataset, so the training sampler sends the epoch with every index (``set_epoch`` here would not
+        reach them)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, index))
         return self.build(self.records[index], self.media(index), generator)
 
 

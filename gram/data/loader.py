@@ -12,16 +12,20 @@ from gram import distributed as dist
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, drop_last) that can start part-way into an epoch, for exact resume."""
+    """DistributedSampler (shuffled, drop_last) that can start part-way into an epoch, for exact resume.
+
+    It yields ``(epoch, index)`` pairs, so that loader workers that persist across epochs know the epoch
+    of every item they build.
+    """
 
     def __init__(self, dataset, seed: int, start_index: int = 0):
         super().__init__(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True,
                          seed=seed, drop_last=True)
         self.start_index = start_index
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
+        return iter([(self.epoch, i) for i in indices[self.start_index:]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
@@ -70,6 +74,8 @@ class TrainStream(EpochStream):
         self.num_workers, self.seed = num_workers, seed
         self.epoch, self.batches_done = 0, 0
         self._iterator: Iterator[Any] | None = None
+        self._sampler = ResumableSampler(dataset, seed)
+        self._loader: DataLoader | None = None
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
@@ -80,15 +86,20 @@ class TrainStream(EpochStream):
 
     def _start_epoch(self) -> Iterator[Any]:
         self.dataset.set_epoch(self.epoch)
-        sampler = ResumableSampler(self.dataset, self.seed, start_index=self.batches_done * self.micro_batch)
-        sampler.set_epoch(self.epoch)
-        # An own generator: starting a loader must not draw from the global RNG, or a resumed run (which
-        # starts one mid-epoch) would drift from an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=sampler, drop_last=True,
-                            num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
-        return iter(loader)
+        self._sampler.set_epoch(self.epoch)
+        self._sampler.start_index = self.batches_done * self.micro_batch
+        if self._loader is None:
+            # One loader whose workers persist across epochs (re-forking them each epoch costs seconds);
+            # the sampler is read in this process, so its new epoch and start reach every iteration. An
+            # own generator: starting a loader must not draw from the global RNG, or a resumed run (which
+            # starts one mid-epoch) would drift from an uninterrupted one.
+            generator = torch.Generator().manual_seed(self.seed)
+            self._loader = DataLoader(
+                self.dataset, batch_size=self.micro_batch, sampler=self._sampler, drop_last=True,
+                num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
+                persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            )
+        return iter(self._loader)
 
 
 class ShardSampler(Sampler[int]):
