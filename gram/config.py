@@ -184,6 +184,9 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     zero_stage: int = 2
     detect_anomaly: bool = False
+    # Bitwise run-to-run reproducibility: one intra-op CPU thread (several threads make some PyTorch CPU
+    # kernels accumulate in a thread-dependent order) and deterministic GPU algorithms. Slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.backend, ("ddp", "deepspeed"), "trainer.backend")

@@ -42,6 +42,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_deterministic() -> None:
+    """Bitwise reproducible runs: one intra-op CPU thread, deterministic GPU kernels (cuBLAS needs its
+    workspace setting before CUDA starts, so it is set here if the user has not)."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,6 +130,8 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.trainer.device)
     seed_everything(cfg.seed)
+    if cfg.trainer.deterministic:
+        make_deterministic()
     torch.autograd.set_detect_anomaly(cfg.trainer.detect_anomaly)
     prepare_sample_data(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -105,3 +105,23 @@ def test_loss_curve_matches_the_stored_one(sample_root, tmp_path):
     for got, want in zip(curve, stored["curve"]):
         for key in ("contrastive", "dam", "loss"):  # float tolerance for other CPUs' BLAS
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-5), (got["step"], key, got, want)
+
+
+def test_deterministic_runs_are_bitwise_equal_across_processes(sample_root, tmp_path):
+    """trainer.deterministic=true: two separate processes (2 loader workers) end with identical weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gram.train.checkpoint import list_checkpoints
+
+    root = Path(__file__).resolve().parents[1]
+    common = sample_overrides(sample_root, "trainer.max_steps=6", "data.batch_size=8", "data.num_workers=2",
+                              "trainer.deterministic=true")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, str(root / "run.py"), *common, f"output_dir={tmp_path / name}"],
+                       cwd=tmp_path, check=True, capture_output=True)
+    a, b = (_weights(list_checkpoints(tmp_path / name)[-1]) for name in ("a", "b"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
