@@ -61,15 +61,32 @@ class _SplitBilinear(torch.autograd.Function):
         return to_a, to_y, to_scale
 
 
+def _bilinear_operands(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], multilinear: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The anchor and the (N2, d) factors whose dot products with it are the scores, in the compute dtype:
+    each data tensor (cosine, one term each) or their elementwise product (Symile, one term)."""
+    _check_inputs(anchor, data)
+    a, *xs = _as_compute_dtype(anchor, data)
+    return a, [torch.stack(xs).prod(0)] if multilinear else xs  # product: (k-1, N2, d) -> (N2, d)
+
+
+def _bilinear_scores(
+    anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale, multilinear: bool
+) -> torch.Tensor:
+    """scale * anchor @ factor.T for each factor of ``_bilinear_operands`` -> (T, N1, N2)."""
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        a, ys = _bilinear_operands(anchor, data, multilinear)
+        a = a * as_scalar(scale, a)  # (N1, d): the scale on the smallest operand
+        return torch.stack([a @ y.T for y in ys])  # T x [(N1, d) @ (d, N2)] -> (T, N1, N2)
+
+
 def _split_bilinear_scores(
     anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale, multilinear: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-gradient cosine (one term per data tensor) or Symile (one term: their product) scores,
-    two (T, N1, N2) tensors."""
-    _check_inputs(anchor, data)
+    """``_bilinear_scores`` twice, with split gradients -> two (T, N1, N2) tensors."""
     with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a, *xs = _as_compute_dtype(anchor, data)
-        ys = [torch.stack(xs).prod(0)] if multilinear else xs  # each (N2, d)
+        a, ys = _bilinear_operands(anchor, data, multilinear)
         pairs = [_SplitBilinear.apply(a, y, as_scalar(scale, a)) for y in ys]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -99,11 +116,7 @@ def split_volume_scores(
 
 def cosine_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
     """Pairwise dot products anchor . data_p (cosines for unit vectors), times scale -> (k-1, N1, N2)."""
-    _check_inputs(anchor, data)
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a, *xs = _as_compute_dtype(anchor, data)
-        a = a * as_scalar(scale, a)  # (N1, d)
-        return torch.stack([a @ x.T for x in xs])  # k-1 x [(N1, d) @ (d, N2)] -> (k-1, N1, N2)
+    return _bilinear_scores(anchor, data, scale, multilinear=False)
 
 
 def symile_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
@@ -112,12 +125,7 @@ def symile_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Sca
     Saporta et al. 2024. The data factors of sample j multiply elementwise first, so the whole score
     matrix is a single GEMM. For k = 2 it reduces to the dot product.
     """
-    _check_inputs(anchor, data)
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
-        a, *xs = _as_compute_dtype(anchor, data)
-        product = torch.stack(xs).prod(0)  # (k-1, N2, d) -> (N2, d)
-        a = a * as_scalar(scale, a)  # (N1, d)
-        return (a @ product.T).unsqueeze(0)  # (N1, d) @ (d, N2) -> (1, N1, N2)
+    return _bilinear_scores(anchor, data, scale, multilinear=True)
 
 
 def triangle_scores(anchor: torch.Tensor, data: Sequence[torch.Tensor], scale: Scale = 1.0) -> torch.Tensor:
