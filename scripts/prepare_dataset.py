@@ -27,6 +27,7 @@ Exit status 1 when any video could not be read (they are listed in the summary a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -97,7 +98,8 @@ def extract_audio(
             if segment is not None and segment[0] > 1:
                 source.seek(int((segment[0] - 1) * av.time_base))  # audio frames are all keyframes
             keep = _SampleWindow(sample_rate, segment)
-            for frame in [*source.decode(source.streams.audio[0]), None]:  # None flushes the resampler
+            # None flushes the resampler; a segment stops the decoding once it is complete.
+            for frame in itertools.chain(source.decode(source.streams.audio[0]), [None]):
                 keep.anchor(frame)
                 for chunk in resampler.resample(frame):
                     chunk = keep.cut(chunk)
@@ -106,6 +108,8 @@ def extract_audio(
                     chunk.pts = None  # let the encoder number the re-chunked samples
                     samples += chunk.samples
                     sink.mux(out.encode(chunk))
+                if keep.complete:
+                    break
             sink.mux(out.encode())
     except av.FFmpegError as err:
         tmp.unlink(missing_ok=True)
@@ -133,6 +137,11 @@ class _SampleWindow:
         start, end = ((t - start_time) * self.rate for t in self.segment)
         self.window = (max(0, round(start)), max(0, round(end)))
 
+    @property
+    def complete(self) -> bool:
+        """True once every sample of the segment has been seen (never without a segment)."""
+        return self.window is not None and self.position >= self.window[1]
+
     def cut(self, chunk: av.AudioFrame) -> av.AudioFrame | None:
         """The part of ``chunk`` inside the window (the whole chunk without a segment), or None."""
         first, self.position = self.position, self.position + chunk.samples
@@ -144,7 +153,7 @@ class _SampleWindow:
             return None
         if (lo, hi) == (0, chunk.samples):
             return chunk
-        array = chunk.to_ndarray()  # (channels, samples) or (1, samples * channels) when packed
+        array = chunk.to_ndarray()  # (1, samples): the output is mono
         part = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(array[:, lo:hi]), format=chunk.format.name, layout=chunk.layout.name
         )
