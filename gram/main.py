@@ -43,8 +43,8 @@ def seed_everything(seed: int) -> None:
 
 
 def make_deterministic() -> None:
-    """Bitwise reproducible runs: one intra-op CPU thread, deterministic GPU kernels (cuBLAS needs its
-    workspace setting before CUDA starts, so it is set here if the user has not)."""
+    """Bitwise reproducible runs: one intra-op CPU thread, deterministic GPU kernels (cuBLAS reads its
+    workspace setting when it creates its handle, at the first GPU matmul, so setting it here is in time)."""
     torch.set_num_threads(1)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)

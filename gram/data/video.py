@@ -268,8 +268,8 @@ def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1) -> np.ndarray
                     continue
                 wanted = _resolve_indices(indices, len(index.pts), path)
                 order = [index.pts[i] for i in wanted]
-                groups = _split_by_keyframe(index, sorted(set(order)), threads)
-                return _gather(path, _read_groups(path, container, stream, index, groups, threads), order)
+                runs = _split_by_keyframe(index, sorted(set(order)), threads)
+                return _gather(path, _read_runs(path, container, stream, index, runs, threads), order)
         except _IndexMismatch:
             continue
         except av.FFmpegError as err:
@@ -304,7 +304,7 @@ def _split_by_keyframe(index: _PacketIndex, targets: list[int], threads: int) ->
     return [sorted(run) for run in runs]
 
 
-def _read_groups(
+def _read_runs(
     path: Path,
     container: av.container.InputContainer,
     stream: av.VideoStream,
