@@ -151,6 +151,53 @@ def test_runs_of_targets_keep_each_keyframe_group_together():
     assert sorted(runs) == [[1, 2], [31, 35], [61, 89], [95, 99]]
 
 
+def _reader_of(path: Path):
+    container = av.open(str(path))
+    stream = container.streams.video[0]
+    return container, video_module._FrameReader(
+        container, stream, video_module._packet_index(container, stream)
+    )
+
+
+def test_the_decoder_is_drained_at_the_last_target_of_a_keyframe_group(tmp_path):
+    path = tmp_path / "bframes.mp4"
+    write_video(path, 40, gop=20, options={"g": "20", "bf": "2", "preset": "veryfast"})
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+    reference = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+    # A P-frame: every packet before it in decoding order is shown earlier, so its packet is the largest fed
+    # so far; without draining, its frame only leaves the reorder buffer once later packets are fed.
+    target = next(i for i, f in enumerate(decoded) if i > 5 and f.pict_type == av.video.frame.PictureType.P)
+    wanted = decoded[target].pts
+    for drain in (True, False):
+        container, reader = _reader_of(path)
+        with container:
+            reader.drain = drain
+            frames = reader.read([wanted])
+        np.testing.assert_array_equal(frames[wanted], reference[target])
+        # Draining stops at the target's packet; otherwise later packets are fed to push the frame out.
+        assert (reader.fed_max == wanted) == drain and (reader.packets is None) == drain
+
+
+def test_a_frame_that_draining_does_not_produce_is_decoded_without_draining(tmp_path, monkeypatch):
+    path = tmp_path / "v.mp4"
+    write_video(path, 30, gop=10)
+    reference = decode_all(path)
+    feed = video_module._FrameReader._feed_until
+    drained = []
+
+    def lose_the_drained_frame(self, target, drain):  # as when a packet's pts is not its frame's
+        feed(self, target, drain)
+        if drain:
+            drained.append(target)
+            self.frames.pop(target, None)
+
+    monkeypatch.setattr(video_module._FrameReader, "_feed_until", lose_the_drained_frame)
+    got = decode_frames(path, [4, 15, 25], threads=1).numpy()
+    np.testing.assert_array_equal(got, reference[[4, 15, 25]])
+    assert len(drained) == 1  # the first miss turned draining off for the rest of the reader
+
+
 class _ThreadsInWorker(torch.utils.data.Dataset):
     def __len__(self):
         return 1
