@@ -184,8 +184,9 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     zero_stage: int = 2
     detect_anomaly: bool = False
-    # Bitwise run-to-run reproducibility: one intra-op CPU thread (several threads make some PyTorch CPU
-    # kernels accumulate in a thread-dependent order) and deterministic GPU algorithms. Slower.
+    # Bitwise run-to-run reproducibility guaranteed: one intra-op CPU thread and PyTorch's deterministic
+    # algorithms (GPU kernels with atomics among them). Slower. Default CPU runs are reproducible too in our
+    # tests (no atomic-add kernel is left in the training step), but nothing enforces it there.
     deterministic: bool = False
 
     def __post_init__(self) -> None:

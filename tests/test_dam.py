@@ -150,3 +150,24 @@ def test_dam_rejects_mismatched_inputs() -> None:
         dam_loss(TinyMatcher(), ids, mask[:, :3], condition, logits, logits.T)
     with pytest.raises(ValueError, match="condition"):
         dam_loss(TinyMatcher(), ids, mask, condition[:2], logits, logits.T)
+
+
+def test_dam_gradients_are_identical_when_a_data_item_is_drawn_many_times() -> None:
+    # Every text draws item 0 as its negative, so its condition gradient sums many contributions; advanced
+    # indexing's CPU backward added them atomically, in a different order from run to run.
+    batch, tokens, hidden = 16, 1024, 8
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (batch, 5), generator=gen)
+    mask = torch.ones(batch, 5, dtype=torch.long)
+    condition = torch.randn(batch, tokens, hidden, generator=gen, requires_grad=True)
+    logits = torch.full((batch, batch), -30.0)
+    logits[:, 0] = 30.0  # (B, B): item 0 is the hardest negative of every other row
+    matcher = TinyMatcher(hidden=hidden)
+    grads = set()
+    for _ in range(20):
+        condition.grad = None
+        dam_loss(
+            matcher, ids, mask, condition, logits, logits.T, generator=torch.Generator().manual_seed(1)
+        ).backward()
+        grads.add(condition.grad.numpy().tobytes())
+    assert len(grads) == 1

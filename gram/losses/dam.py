@@ -183,7 +183,9 @@ def dam_loss(
     )
     ids = torch.cat([text_ids, text_ids, ids_all[neg_text]])  # (3B, L)
     mask = torch.cat([text_mask, text_mask, mask_all[neg_text]])  # (3B, L)
-    cond = torch.cat([condition, condition_all[neg_data], condition])  # (3B, Lc, H)
+    # index_select, not condition_all[neg_data]: a data item drawn twice gets its gradients summed by index_add
+    # in a fixed order, where advanced indexing's backward adds them atomically on CPU (run-to-run noise).
+    cond = torch.cat([condition, condition_all.index_select(0, neg_data), condition])  # (3B, Lc, H)
     labels = torch.cat([text_ids.new_ones(batch), text_ids.new_zeros(2 * batch)]).long()  # (3B,)
     logits = match_fn(ids, mask, cond)
     if logits.shape != (3 * batch, 2):
