@@ -1,6 +1,7 @@
 """Frame sampling, decoding (exact frames, seeking, short videos, errors) and the clip transform."""
 
 import os
+import types
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -196,6 +197,29 @@ def test_a_frame_that_draining_does_not_produce_is_decoded_without_draining(tmp_
     got = decode_frames(path, [4, 15, 25], threads=1).numpy()
     np.testing.assert_array_equal(got, reference[[4, 15, 25]])
     assert len(drained) == 1  # the first miss turned draining off for the rest of the reader
+
+
+class _FakePacket:
+    def __init__(self, name, size, pts, fed):
+        self.name, self.size, self.pts, self.fed = name, size, pts, fed
+
+    def decode(self):
+        self.fed.append(self.name)
+        return [self.name]
+
+
+@pytest.mark.parametrize("end", ["next picture", "end of stream"])
+def test_packets_without_timestamp_after_the_target_go_in_before_the_drain(end):
+    # As the second field of an interlaced picture in MPEG-TS: packets after the target's without a pts of their
+    # own belong to the same picture, so they are decoded before the flush; what follows is not fed.
+    fed = []
+    after = _FakePacket("next", 100, 7, fed) if end == "next picture" else _FakePacket("eof", 0, None, fed)
+    packets = iter([_FakePacket("field2", 50, None, fed), _FakePacket("field2b", 50, None, fed), after])
+    flush = types.SimpleNamespace(decode=lambda packet: fed.append(f"flush {packet}") or ["flushed"])
+    reader = types.SimpleNamespace(packets=packets, stream=types.SimpleNamespace(codec_context=flush))
+    frames = video_module._FrameReader._drain(reader)
+    assert fed == ["field2", "field2b", "flush None"]
+    assert frames == ["field2", "field2b", "flushed"] and reader.packets is None
 
 
 class _ThreadsInWorker(torch.utils.data.Dataset):

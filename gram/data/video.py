@@ -451,8 +451,7 @@ class _FrameReader:
                 self.fed_max = packet.pts if self.fed_max is None else max(self.fed_max, packet.pts)
             frames = packet.decode()  # every frame of the packet, so none is lost when we stop here
             if drain and packet.size and packet.pts == target:
-                frames += codec.decode(None)
-                self.packets = None
+                frames += self._drain()
             last = None
             for frame in frames:
                 if self.known is not None and frame.pts not in self.known:
@@ -463,6 +462,20 @@ class _FrameReader:
             if self.packets is None or target in self.frames or (last is not None and last > target):
                 return
         codec.skip_frame = "DEFAULT"
+
+    def _drain(self) -> list[av.VideoFrame]:
+        """Flush the decoder after the target's packet; the stream then needs a seek.
+
+        Packets without a timestamp right after it continue the same picture (e.g. the second field of an
+        interlaced frame in MPEG-TS), so they go in first; the first packet with a timestamp is left unfed.
+        """
+        frames = []
+        for packet in self.packets:
+            if not packet.size or packet.pts is not None:  # a new picture, or the end of the stream
+                break
+            frames += packet.decode()
+        self.packets = None
+        return frames + self.stream.codec_context.decode(None)
 
 
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
