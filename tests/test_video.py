@@ -152,6 +152,37 @@ def test_runs_of_targets_keep_each_keyframe_group_together():
     assert sorted(runs) == [[1, 2], [31, 35], [61, 89], [95, 99]]
 
 
+def test_groups_are_weighed_by_their_compressed_bytes():
+    # Two groups of pictures: 0-5 is long but cheap, 6-9 short with a large keyframe (e.g. a scene cut).
+    sizes = [10, 1, 1, 1, 1, 1, 60, 1, 1, 1]  # decoding order = presentation order here
+    through = list(np.cumsum(sizes))
+    index = video_module._PacketIndex(
+        pts=list(range(10)), key_pts=[0, 6], key_dts=[0, 6], start=0, bytes_through=through
+    )
+    assert index.decoding_cost(0, 5) == 15 and index.decoding_cost(6, 7) == 61
+    bare = video_module._PacketIndex(pts=list(range(10)), key_pts=[0, 6], key_dts=[0, 6], start=0)
+    assert bare.decoding_cost(0, 5) == 5 and bare.decoding_cost(6, 7) == 1  # no sizes: the span
+    # One thread each either way; the heavier group goes first (to the reader on the already open file).
+    assert video_module._split_by_keyframe(index, [2, 5, 7], 2) == [[7], [2, 5]]
+    assert video_module._split_by_keyframe(bare, [2, 5, 7], 2) == [[2, 5], [7]]
+
+
+def test_both_indexes_count_the_bytes_up_to_each_frame(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, 30, gop=10)
+    with av.open(str(path)) as container:
+        packets = [(p.pts, p.size) for p in container.demux(video=0) if p.size]
+    cumulative = dict(zip([pts for pts, _ in packets], np.cumsum([size for _, size in packets]).tolist()))
+    indexes = []
+    for build in (video_module._packet_index, video_module._container_index):
+        with av.open(str(path)) as container:
+            indexes.append(build(container, container.streams.video[0]))
+    exact, derived = indexes
+    assert exact.bytes_through == [cumulative[p] for p in exact.pts]
+    assert derived.derived and len(derived.bytes_through) == 30
+    assert derived.bytes_through == sorted(cumulative.values())  # the i-th frame decoded, in order
+
+
 def _reader_of(path: Path):
     container = av.open(str(path))
     stream = container.streams.video[0]

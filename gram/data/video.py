@@ -32,10 +32,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from os import PathLike
 from pathlib import Path
@@ -237,6 +237,8 @@ class _PacketIndex:
 
     ``derived`` marks an index built from the container's sample table rather than from the packets: its
     frame timestamps are inferred, so decoding checks them and falls back to the exact index on a mismatch.
+    ``bytes_through[i]`` counts the stream's bytes in decoding order up to the frame shown at ``pts[i]``
+    (for a derived index, up to the i-th frame decoded: close enough to weigh work).
     """
 
     pts: list[int]
@@ -244,11 +246,21 @@ class _PacketIndex:
     key_dts: list[int]
     start: int  # the smallest timestamp of the stream: a seek there decodes from the very beginning
     derived: bool = False
+    bytes_through: list[int] = field(default_factory=list)
 
     def keyframe_before(self, pts: int) -> tuple[int, int]:
         """(pts, dts) of the latest keyframe at or before ``pts`` (the first one when none is)."""
         k = max(bisect_right(self.key_pts, pts) - 1, 0)
         return self.key_pts[k], self.key_dts[k]
+
+    def decoding_cost(self, key: int, last: int) -> int:
+        """What decoding from the keyframe at ``key`` to the frame at ``last`` roughly costs: their compressed
+        bytes, which weigh a keyframe and a busy scene as the decoder feels them (the span of timestamps
+        when the sizes are unknown)."""
+        if not self.bytes_through:
+            return last - key
+        first, end = bisect_left(self.pts, key), bisect_left(self.pts, last)
+        return self.bytes_through[end] - (self.bytes_through[first - 1] if first else 0)
 
 
 class _IndexMismatch(Exception):
@@ -291,18 +303,20 @@ def _split_by_keyframe(index: _PacketIndex, targets: list[int], threads: int) ->
     """Sorted target pts -> at most ``threads`` sorted runs of targets, never splitting a keyframe's group.
 
     Each run is decoded by its own reader, so no two readers decode the same group of pictures. A group
-    costs about the frames from its keyframe to its last target; groups go, largest first, to the run
-    with the least work so far (longest-processing-time scheduling), which balances the threads.
+    costs what decoding from its keyframe to its last target costs (:meth:`_PacketIndex.decoding_cost`);
+    groups go, largest first, to the run with the least work so far (longest-processing-time scheduling),
+    which balances the threads.
     """
     groups: dict[int, list[int]] = {}
     for target in targets:
         groups.setdefault(index.keyframe_before(target)[0], []).append(target)
+    costs = {key: index.decoding_cost(key, group[-1]) for key, group in groups.items()}
     runs: list[list[int]] = [[] for _ in range(max(1, min(threads, len(groups))))]
     work = [0] * len(runs)
-    for key, group in sorted(groups.items(), key=lambda kv: kv[0] - kv[1][-1]):  # most work first
+    for key in sorted(groups, key=costs.__getitem__, reverse=True):
         lightest = work.index(min(work))
-        runs[lightest].extend(group)
-        work[lightest] += group[-1] - key
+        runs[lightest].extend(groups[key])
+        work[lightest] += costs[key]
     return [sorted(run) for run in runs]
 
 
@@ -360,26 +374,33 @@ def _container_index(container: av.container.InputContainer, stream: av.VideoStr
     if pts[0] != first.pts or len(set(pts)) != len(pts):
         return None
     start = min(key_dts[0], pts[0], min(shown))
-    return _PacketIndex(pts, [t + offset for t in key_dts], key_dts, start, derived=True)
+    through = list(itertools.accumulate(e.size for e in entries))  # decoding order
+    shown_through = [b for b, e in zip(through, entries) if not e.is_discard]
+    return _PacketIndex(pts, [t + offset for t in key_dts], key_dts, start, True, shown_through)
 
 
 def _packet_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
     """Read (not decode) every packet once; None when timestamps are missing or repeated."""
-    pts, keys = [], []
+    pts, keys, through, total = [], [], {}, 0
     for packet in container.demux(stream):
         if packet.size == 0:  # the flush packet at the end
             continue
         if packet.pts is None:
             return None
+        total += packet.size
         if not packet.is_discard:  # frames an edit list hides are decoded but never shown
             pts.append(packet.pts)
+            through[packet.pts] = total
         if packet.is_keyframe:  # hidden keyframes still start a group that shown frames need
             keys.append((packet.pts, packet.dts if packet.dts is not None else packet.pts))
     if not pts or not keys or len(set(pts)) != len(pts):
         return None
     keys.sort()
     start = min(min(pts), min(dts for _, dts in keys))
-    return _PacketIndex(sorted(pts), [k for k, _ in keys], [dts for _, dts in keys], start)
+    pts.sort()
+    return _PacketIndex(
+        pts, [k for k, _ in keys], [d for _, d in keys], start, False, [through[p] for p in pts]
+    )
 
 
 class _FrameReader:
