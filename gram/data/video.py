@@ -35,7 +35,7 @@ import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from os import PathLike
 from pathlib import Path
@@ -245,8 +245,8 @@ class _PacketIndex:
     key_pts: list[int]
     key_dts: list[int]
     start: int  # the smallest timestamp of the stream: a seek there decodes from the very beginning
+    bytes_through: list[int]
     derived: bool = False
-    bytes_through: list[int] = field(default_factory=list)
 
     def keyframe_before(self, pts: int) -> tuple[int, int]:
         """(pts, dts) of the latest keyframe at or before ``pts`` (the first one when none is)."""
@@ -255,10 +255,7 @@ class _PacketIndex:
 
     def decoding_cost(self, key: int, last: int) -> int:
         """What decoding from the keyframe at ``key`` to the frame at ``last`` roughly costs: their compressed
-        bytes, which weigh a keyframe and a busy scene as the decoder feels them (the span of timestamps
-        when the sizes are unknown)."""
-        if not self.bytes_through:
-            return last - key
+        bytes, which weigh a keyframe and a busy scene as the decoder feels them."""
         first, end = bisect_left(self.pts, key), bisect_left(self.pts, last)
         return self.bytes_through[end] - (self.bytes_through[first - 1] if first else 0)
 
@@ -376,7 +373,7 @@ def _container_index(container: av.container.InputContainer, stream: av.VideoStr
     start = min(key_dts[0], pts[0], min(shown))
     through = list(itertools.accumulate(e.size for e in entries))  # decoding order
     shown_through = [b for b, e in zip(through, entries) if not e.is_discard]
-    return _PacketIndex(pts, [t + offset for t in key_dts], key_dts, start, True, shown_through)
+    return _PacketIndex(pts, [t + offset for t in key_dts], key_dts, start, shown_through, derived=True)
 
 
 def _packet_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
@@ -398,9 +395,7 @@ def _packet_index(container: av.container.InputContainer, stream: av.VideoStream
     keys.sort()
     start = min(min(pts), min(dts for _, dts in keys))
     pts.sort()
-    return _PacketIndex(
-        pts, [k for k, _ in keys], [d for _, d in keys], start, False, [through[p] for p in pts]
-    )
+    return _PacketIndex(pts, [k for k, _ in keys], [d for _, d in keys], start, [through[p] for p in pts])
 
 
 class _FrameReader:
