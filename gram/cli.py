@@ -7,8 +7,19 @@ import sys
 import time
 from collections.abc import Callable
 
-# Errors caused by the user's input (config, paths, data); shown as one line unless GRAM_DEBUG=1.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+
+class UserError(Exception):
+    """An expected failure caused by the user's input (config, paths, data, checkpoints): its message is one line
+    that names the file, id, key or step at fault and, where there is one, the fix."""
+
+
+# Errors caused by the user's input; shown as one line unless GRAM_DEBUG=1 or HYDRA_FULL_ERROR=1.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
+EXIT_USER_ERROR = 2
+
+
+def debugging() -> bool:
+    return os.environ.get("GRAM_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def prepare_argv(argv: list[str] | None = None) -> None:
@@ -27,10 +38,13 @@ def prepare_argv(argv: list[str] | None = None) -> None:
 
 
 def run_with_clear_errors(fn: Callable[[], object]) -> object:
+    """Run an entry point (`run.py` or a script's main): a user error becomes one line on stderr and exit status 2;
+    `GRAM_DEBUG=1` or `HYDRA_FULL_ERROR=1` re-raise it with the full traceback."""
     try:
         return fn()
     except USER_ERRORS as error:
-        if os.environ.get("GRAM_DEBUG") == "1":
+        if debugging():
             raise
-        print(f"error: {error}\n(set GRAM_DEBUG=1 for the full traceback)", file=sys.stderr)
-        raise SystemExit(1) from None
+        message = " ".join(str(error).split("\n")) or type(error).__name__
+        print(f"error: {message}  (set GRAM_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from gram import checkpoint_format as ckpt
 from gram.config import DataConfig, DatasetConfig, typed_section
 from gram.data.audio import (
     NoAudioStreamError,
@@ -38,7 +39,6 @@ from gram.eval.retrieval import embed_items
 from gram.eval.scoring import similarity_matrix
 from gram.main import task_from_checkpoint
 from gram.models.gram_model import GramModel
-from gram.train import checkpoint as ckpt
 
 MediaInput = str | PathLike | torch.Tensor
 

@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from gram.checkpoint_format import CONFIG, WEIGHTS
 from gram.config import DATA_MODALITIES, ModelConfig
 from gram.losses import LossConfig
 from gram.models.beats import load_beats_checkpoint
@@ -46,7 +47,6 @@ from gram.models.convert import (
 )
 from gram.models.gram_model import GramModel
 from gram.models.hub import checkpoint_to_hub, model_config_to_dict
-from gram.train.checkpoint import CONFIG, WEIGHTS
 from gram.train.task import GramTask
 
 

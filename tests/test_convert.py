@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gram.checkpoint_format import WEIGHTS, load_weights, read_config
 from gram.config import ModelConfig
 from gram.losses import LossConfig
 from gram.main import run
 from gram.models import convert as C
 from gram.models.gram_model import GramModel
 from gram.models.hub import model_config_from_dict
-from gram.train.checkpoint import WEIGHTS, load_weights, read_config
 from gram.train.task import GramTask
 from tests.conftest import ROOT, compose_config, sample_overrides, shared_path
 

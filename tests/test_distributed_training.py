@@ -11,8 +11,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from gram.checkpoint_format import list_checkpoints
 from gram.main import run
-from gram.train.checkpoint import list_checkpoints
 from tests.conftest import ROOT, compose_config, sample_overrides
 
 # DAM draws random hard negatives per rank, so the comparison runs the contrastive objective alone.

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from gram.checkpoint_format import list_checkpoints
 from gram.main import run
-from gram.train.checkpoint import list_checkpoints
 from tests.conftest import ROOT, compose_config, sample_overrides
 
 METRICS = [f"{d}_{k}" for d in ("t2v", "v2t") for k in ("r1", "r5", "r10", "medr", "meanr")]
@@ -64,14 +64,14 @@ def test_cli_unknown_key_names_the_key(tmp_path):
 def test_cli_missing_checkpoint_is_one_clear_error(tmp_path, sample_root):
     missing = tmp_path / "nope"
     proc = _cli("mode=test", f"checkpoint={missing}", *sample_overrides(sample_root), f"output_dir={tmp_path}/o")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_missing_data_folder_is_one_clear_error(tmp_path):
     proc = _cli("data.generate_sample=false", f"data.sample_dir={tmp_path}/absent", "logger.wandb.mode=disabled",
                 f"output_dir={tmp_path}/o")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"{tmp_path}/absent" in proc.stderr and "Traceback" not in proc.stderr
 
 

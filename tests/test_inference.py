@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gram
+from gram import checkpoint_format as ckpt
 from gram.config import without_pretrained
 from gram.data.audio import load_waveform, silent_clips
 from gram.data.dataset import Collator
@@ -21,7 +22,6 @@ from gram.data.video import decode_frames
 from gram.eval.retrieval import embed_items, embed_texts
 from gram.inference import SilentAudioWarning, TokenizerNotFoundError, load_model
 from gram.main import build_model, datasets, run, to_dataclass
-from gram.train import checkpoint as ckpt
 from gram.train.task import GramTask
 from tests.conftest import compose_config, sample_overrides, shared_path
 

@@ -40,7 +40,7 @@ def _weights(folder):
 
 
 def test_resume_is_bitwise_exact(sample_root, tmp_path):
-    from gram.train.checkpoint import list_checkpoints
+    from gram.checkpoint_format import list_checkpoints
 
     common = sample_overrides(sample_root, "trainer.max_steps=8", "data.batch_size=8", "trainer.log_every=1")
     run(compose_config(*common, output_dir=tmp_path / "once"))
@@ -62,7 +62,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_root, tmp_path):
     import sys
     import time
 
-    from gram.train.checkpoint import list_checkpoints
+    from gram.checkpoint_format import list_checkpoints
     from tests.conftest import ROOT
 
     out = tmp_path / "preempted"
@@ -117,7 +117,7 @@ def test_runs_are_bitwise_equal_across_processes(sample_root, tmp_path, determin
     import sys
     from pathlib import Path
 
-    from gram.train.checkpoint import list_checkpoints
+    from gram.checkpoint_format import list_checkpoints
 
     root = Path(__file__).resolve().parents[1]
     common = sample_overrides(sample_root, "trainer.max_steps=6", "data.batch_size=8", "data.num_workers=2",

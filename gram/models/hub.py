@@ -152,7 +152,7 @@ def checkpoint_to_hub(checkpoint: str | os.PathLike, folder: str | os.PathLike) 
 
     The loss (temperature) is not part of the shared model; the keys are checked against a meta build first.
     """
-    from gram.train.checkpoint import read_config, resolve_checkpoint
+    from gram.checkpoint_format import read_config, resolve_checkpoint
 
     source = resolve_checkpoint(checkpoint)
     cfg = model_config_from_dict(read_config(source)["model"])

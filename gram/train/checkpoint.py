@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,82 +22,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import _remove_duplicate_names, load_model, save_file
 from torch import nn
 
 from gram import distributed as dist
+from gram.checkpoint_format import (
+    CONFIG,
+    TRAIN_STATE,
+    WEIGHTS,
+    CheckpointNotFoundError,
+    checkpoint_root,
+    list_checkpoints,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+    save_weights,
+)
 from gram.train.launch import barrier
 
 log = logging.getLogger(__name__)
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    pass
-
-
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete step folders under `output_dir/checkpoints`, oldest first (temporary folders are ignored)."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / WEIGHTS).exists()]
-    return [p for _, p in sorted(steps)]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a folder, its `model.safetensors`, or a run's output dir (its latest checkpoint)."""
-    p = Path(path)
-    if p.is_file() and p.name == WEIGHTS:
-        p = p.parent
-    if (p / WEIGHTS).is_file():
-        return p
-    found = list_checkpoints(p)
-    if found:
-        return found[-1]
-    if not p.exists():
-        raise CheckpointNotFoundError(f"checkpoint={path}: no such file or folder. Pass a checkpoint folder "
-                                      f"(.../checkpoints/step_N), its {WEIGHTS}, or a training output_dir.")
-    raise CheckpointNotFoundError(f"checkpoint={path}: no {WEIGHTS} there and no checkpoints/step_N folder "
-                                  f"inside it. Pass a checkpoint folder or the output_dir of a training run.")
-
-
-def read_config(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((resolve_checkpoint(checkpoint) / CONFIG).read_text())
-
-
-def load_weights(module: nn.Module, checkpoint: str | Path, strict: bool = True) -> Path:
-    folder = resolve_checkpoint(checkpoint)
-    missing, unexpected = load_model(module, folder / WEIGHTS, strict=strict)
-    if missing or unexpected:
-        log.warning("loading %s: missing %s, unexpected %s", folder, missing, unexpected)
-    return folder
-
-
-def save_weights(module: nn.Module, path: Path) -> None:
-    """`safetensors.torch.save_model`, but from CPU copies: DeepSpeed ZeRO turns parameters into views of one flat
-    buffer, which safetensors refuses to save. Real aliases (one tensor under several names) stay aliases, so
-    the duplicate names are dropped exactly as `save_model` drops them and `load_model` reads the file back."""
-    copies: dict[tuple, torch.Tensor] = {}
-    state = {}
-    for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True).contiguous()
-        state[name] = copies[key]
-    aliases = _remove_duplicate_names(state)
-    metadata = {}
-    for kept, names in aliases.items():
-        for name in names:
-            metadata[name] = kept
-            del state[name]
-    save_file(state, str(path), metadata={"format": "pt", **metadata})
+__all__ = ["CONFIG", "TRAIN_STATE", "WEIGHTS", "CheckpointNotFoundError", "checkpoint_root", "list_checkpoints",
+           "load_weights", "read_config", "resolve_checkpoint", "save_weights", "save_checkpoint", "load_train_state",
+           "rng_state", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
