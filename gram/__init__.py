@@ -7,6 +7,7 @@ Public API:
     retrieval_metrics(scores, tgt)   R@1/5/10, MedR, MeanR with pessimistic ties (gram.eval)
     read_annotations(path)           GRAM/VAST annotation files (gram.data)
     load_model(path, device)         a trained model with its tokenizer and test-time preprocessing (gram.inference)
+    list_pretrained()                names of the released GRAM checkpoints and encoder weights (gram.pretrained)
 """
 
 from gram.config import GramConfig, ModelConfig
@@ -15,8 +16,9 @@ from gram.eval.metrics import retrieval_metrics
 from gram.inference import GramPredictor, load_model
 from gram.losses import LossConfig, build_loss, volume
 from gram.models.gram_model import GramModel
+from gram.pretrained import list_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["GramConfig", "GramModel", "GramPredictor", "load_model", "LossConfig", "ModelConfig", "build_loss", "read_annotations",
+__all__ = ["GramConfig", "GramModel", "GramPredictor", "list_pretrained", "load_model", "LossConfig", "ModelConfig", "build_loss", "read_annotations",
            "retrieval_metrics", "volume", "__version__"]

@@ -39,6 +39,7 @@ from gram.eval.retrieval import embed_items
 from gram.eval.scoring import similarity_matrix
 from gram.main import task_from_checkpoint
 from gram.models.gram_model import GramModel
+from gram.pretrained import resolve_model_source
 
 MediaInput = str | PathLike | torch.Tensor
 
@@ -193,12 +194,14 @@ class GramPredictor:
 def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
                tokenizer: str | PathLike | None = None, batch_size: int = 32) -> GramPredictor:
     """A ready :class:`GramPredictor` from a checkpoint folder (``.../checkpoints/step_N``), its
-    ``model.safetensors``, or a training output dir (its latest checkpoint).
+    ``model.safetensors``, a training output dir (its latest checkpoint), or a released model's name
+    (``gram.list_pretrained("gram")``: found under pretrained_weights/, else downloaded and converted).
 
     The model, its preprocessing and its tokenizer come from the checkpoint's config.json; ``tokenizer``
     overrides the tokenizer path (a directory with vocab.txt, or the file) when the run's one is not here.
     Weights are loaded strictly. ``device``: "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
     """
+    path_or_name = resolve_model_source(path_or_name)  # a registry name -> its local folder (gram.pretrained)
     folder = _checkpoint_folder(path_or_name)
     saved = ckpt.read_config(folder)
     data_cfg = typed_section(DataConfig, saved.get("data"), str(folder / ckpt.CONFIG))

@@ -22,6 +22,7 @@ from gram.data.tokenizer import load_tokenizer
 from gram.eval.classification import evaluate_classification
 from gram.eval.retrieval import evaluate_retrieval, format_table, warn_if_incomplete
 from gram.models.gram_model import GramModel
+from gram.pretrained import is_pretrained_name, resolve_model_source
 from gram.train import checkpoint as ckpt
 from gram.train import launch
 from gram.train.logger import RunLogger
@@ -136,15 +137,16 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     prepare_sample_data(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
-    source = ckpt.resolve_checkpoint(cfg.checkpoint) if cfg.mode == "test" else None
+    source = ckpt.resolve_checkpoint(pretrained_source(cfg.checkpoint, cfg)) if cfg.mode == "test" else None
+    init_from = pretrained_source(cfg.init_from, cfg, cfg.model.modalities) if cfg.init_from and source is None else None
     if source is not None:  # the model and loss are the checkpoint's own, whatever the command line says
         task = task_from_checkpoint(source, tokenizer)
         cfg.model, cfg.loss = task.model.cfg, task.loss.cfg
     train_set, test_set = datasets(cfg, training=cfg.mode == "train")  # data errors before a long model build
     if source is None:
         task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
-        if cfg.init_from:
-            ckpt.load_weights(task, cfg.init_from)
+        if init_from:
+            ckpt.load_weights(task, init_from)
     task.to(device)
     logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
 
@@ -179,6 +181,20 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     finally:
         if logger:
             logger.close()
+
+
+def pretrained_source(value: str | None, cfg: GramConfig, modalities: list[str] | None = None) -> str | Path | None:
+    """``checkpoint=`` / ``init_from=``: a path as given, or a released model's name (gram.pretrained) resolved
+    under ``paths.weights_dir`` and converted for ``modalities``. Rank 0 downloads/converts, the others wait."""
+    if not value or not is_pretrained_name(value):
+        return resolve_model_source(value) if value else value  # a misspelt name is an error listing close names
+    if dist.is_main_process():
+        path = resolve_model_source(value, cfg.paths.weights_dir, modalities)
+    if dist.is_dist_initialized():
+        torch.distributed.barrier()
+    if not dist.is_main_process():
+        path = resolve_model_source(value, cfg.paths.weights_dir, modalities, download=False)
+    return path
 
 
 def train_stream(cfg: GramConfig, train_set: VideoTextDataset | None, collate: Collator):
