@@ -14,6 +14,9 @@ writes every problem id (``<id><TAB><problem>``) to ``--missing-out``.
 ``--decode open`` (default) opens every file and decodes its first frame / audio packet; ``frames`` decodes
 the 8 test frames the loader would read (slower); ``none`` only checks that files exist.
 Exit status: 0, or 1 with ``--strict`` when any problem was found.
+
+An "empty caption" (every caption of the record blank) is a problem of the record, not of the file: make_shards.py
+skips such records with one warning (index.json ``empty_caption_ids``), as it skips records without media.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Convert a released GRAM checkpoint (reference ``model_step_*.pt`` / ``best_*.pt``) into gram's checkpoint folder,
-or check a list of reference keys against the full model without any weights.
+"""Convert a released GRAM checkpoint into a gram checkpoint folder, or check a reference key list.
+
+The source is a reference ``model_step_*.pt`` / ``best_*.pt``; ``--check-keys`` checks a list of reference keys
+against the full model without any weights.
 
     # convert: OUT/model.safetensors + OUT/config.json, then `python run.py mode=test checkpoint=OUT data=...`
     python scripts/convert_checkpoint.py gram_ckpt/ckpt/model_step_6000.pt converted/gram_vast

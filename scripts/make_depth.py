@@ -1,4 +1,4 @@
-"""Precompute depth videos for the depth modality (T-VASD) with a monocular depth model from transformers.
+r"""Precompute depth videos for the depth modality (T-VASD) with a monocular depth model from transformers.
 
     python scripts/make_depth.py --videos data/msrvtt/videos --out data/msrvtt/depth \
         --model depth-anything/Depth-Anything-V2-Small-hf [--fps 2] [--short-side 224]

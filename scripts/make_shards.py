@@ -4,7 +4,9 @@
 Writes ``<out>/shard-000000.tar`` ... (each sample: the original ``video.<ext>``, ``audio.<ext>`` and
 ``depth.<ext>`` bytes and the annotation record as ``json``), ``<out>/index.json`` (shards, samples per
 shard, total, source, skipped ids) and ``<out>/missing_ids.txt`` (ids without the required media, one per
-line). Re-running after an interruption keeps every finished shard that still holds its planned samples.
+line). Records whose captions are all empty (check_dataset.py's "empty caption") are skipped with one
+warning and listed in the index's ``empty_caption_ids``. Re-running after an interruption keeps every
+finished shard that still holds its planned samples.
 
     python scripts/make_shards.py --annotations data/vast/annotations150k.json \\
         --video-dir data/vast/videos --audio-dir data/vast/audios --out data/vast/shards \\
@@ -57,7 +59,9 @@ def summary(index: dict, out: Path) -> str:
              f"{len(index['reused'])} reused)",
              f"samples:       {index['total']}",
              f"missing media: {index['num_missing']} (ids in {out / index['missing_ids_file']})",
-             f"duplicate ids: {len(index['duplicate_ids'])} (first occurrence kept)"]
+             f"duplicate ids: {len(index['duplicate_ids'])} (first occurrence kept)",
+             f"empty captions: {len(index['empty_caption_ids'])} (skipped; ids in {out / 'index.json'}, "
+             f"empty_caption_ids)"]
     if index["removed"]:
         lines.append(f"removed stale: {', '.join(index['removed'])}")
     return "\n".join(lines)
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = DatasetConfig(annotations=args.annotations, video_dir=args.video_dir, audio_dir=args.audio_dir,
                           depth_dir=args.depth_dir, corrupted=args.corrupted)
-    records = read_annotations(split.annotations, corrupted=split.corrupted)
+    # empty captions are skipped and listed by write_shards, as check_dataset.py reports them, not fatal
+    records = read_annotations(split.annotations, corrupted=split.corrupted, allow_empty_captions=True)
     required = ["video"] + (["audio"] if args.require_audio_file else []) + (["depth"] if args.depth_dir else [])
     out = Path(args.out)
     index = write_shards(records, media_resolver(split), out, args.samples_per_shard, args.max_shard_size,
@@ -77,4 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gram.cli import run_with_clear_errors
+
+    sys.exit(run_with_clear_errors(main))

@@ -121,13 +121,17 @@ class _Planned:
 
 
 def _collect(records: Iterable[AnnotationRecord], resolve: MediaResolver, required: Sequence[str]
-             ) -> tuple[list[_Planned], list[str], list[str]]:
-    """(samples to write, ids missing a required file, ids repeated in the annotations)."""
-    planned, missing, duplicates, seen = [], [], [], set()
+             ) -> tuple[list[_Planned], list[str], list[str], list[str]]:
+    """(samples to write, ids missing a required file, ids repeated in the annotations, ids whose captions are
+    all empty). Records without a caption cannot be trained on: they are skipped like records without media."""
+    planned, missing, duplicates, empty, seen = [], [], [], [], set()
     for record in records:
         key = sample_key(record.video_id)
         if key in seen:
             duplicates.append(record.video_id)
+            continue
+        if not record.captions:
+            empty.append(record.video_id)
             continue
         media = {role: Path(p) for role, p in resolve(record).items() if p is not None}
         if any(role not in media for role in required):
@@ -135,7 +139,11 @@ def _collect(records: Iterable[AnnotationRecord], resolve: MediaResolver, requir
             continue
         seen.add(key)
         planned.append(_Planned(key, record, media))
-    return planned, missing, duplicates
+    if empty:
+        shown = ", ".join(repr(i) for i in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        log.warning("skipping %d record(s) whose captions are all empty: %s (listed in the index's "
+                    "empty_caption_ids)", len(empty), shown)
+    return planned, missing, duplicates, empty
 
 
 def _plan_shards(samples: list[_Planned], samples_per_shard: int, max_shard_size: int | None) -> list[list[_Planned]]:
@@ -229,22 +237,25 @@ def write_shards(
         max_shard_size: the most media bytes in one shard (None: no limit); a larger single sample gets
             a shard of its own.
         required: roles a record must have a file for; records without are skipped, listed in
-            ``missing_ids.txt`` and counted in the index (never dropped silently).
+            ``missing_ids.txt`` and counted in the index (never dropped silently). Records whose captions are
+            all empty (``check_dataset.py``'s "empty caption") are skipped too, with one warning, and listed in
+            the index's ``empty_caption_ids``.
         source: the annotation file, recorded in the index.
 
     Returns:
         The ``index.json`` content: ``shards`` ([{"file", "samples", "bytes"}]), ``total``, ``source``,
-        ``num_missing``, ``missing_ids_file``, ``duplicate_ids``, and this run's ``written``/``reused``
+        ``num_missing``, ``missing_ids_file``, ``duplicate_ids``, ``empty_caption_ids``, and this run's ``written``/``reused``
         shard names (those two are not stored in the file).
     """
     if samples_per_shard < 1:
         raise ShardError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    planned, missing, duplicates = _collect(records, media_resolver, required)
+    planned, missing, duplicates, empty = _collect(records, media_resolver, required)
     if not planned:
-        raise ShardError(f"no record has the required media ({', '.join(required)}); {len(missing)} missing, "
-                         f"see the media folders given for {source or 'the annotations'}")
+        raise ShardError(f"no record has the required media ({', '.join(required)}) and a caption; "
+                         f"{len(missing)} missing media, {len(empty)} with only empty captions; see the media "
+                         f"folders and captions given for {source or 'the annotations'}")
     plan = _plan_shards(planned, samples_per_shard, max_shard_size)
     (out / INDEX_FILE).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     written, reused = [], []
@@ -260,7 +271,7 @@ def write_shards(
     index = {
         "format": INDEX_FORMAT, "source": source, "samples_per_shard": samples_per_shard,
         "max_shard_size": max_shard_size, "total": len(planned), "num_missing": len(missing),
-        "missing_ids_file": MISSING_FILE, "duplicate_ids": duplicates,
+        "missing_ids_file": MISSING_FILE, "duplicate_ids": duplicates, "empty_caption_ids": empty,
         "shards": [{"file": SHARD_NAME.format(i), "samples": len(s), "bytes": (out / SHARD_NAME.format(i)).stat().st_size}
                    for i, s in enumerate(plan)],
     }
