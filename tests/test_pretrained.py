@@ -430,3 +430,12 @@ def test_real_conversion_of_a_tiny_release_loads_by_name(tmp_path, monkeypatch):
     expected, got = outputs(model, batch), outputs(task.model, batch)
     for modality in ("text", "video", "audio"):
         assert torch.equal(expected[modality], got[modality]), modality
+
+
+def test_experiments_name_their_starting_weights_by_registry_name():
+    for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
+        init_from = (path.read_text().split("\ninit_from:", 1)[1].split("#")[0].split("\n")[0].strip()
+                     if "\ninit_from:" in path.read_text() else "null")
+        assert init_from == "null" or P.is_pretrained_name(init_from), (path.name, init_from)
+        if init_from != "null":
+            assert path.stem in P.get_pretrained(init_from).experiments, path.name
