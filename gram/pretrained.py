@@ -31,7 +31,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -423,7 +423,7 @@ def _download(entry: Pretrained, target: Path, files: Sequence[FileSpec], progre
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"download {entry.name} from {entry.source.url.split('?')[0]} -> {target}", file=sys.stderr)
-    if entry.is_folder or files is _RELEASED_FILES:
+    if entry.is_folder or entry.kind == GRAM_KIND:  # fetchers tell a folder release by the folder made here
         tmp.mkdir()
     try:
         FETCHERS[entry.source.kind](entry.source, tmp, progress)
@@ -588,7 +588,7 @@ class Row:
     used_as: str
     experiments: str
     source: str
-    present: bool = field(default=False)
+    present: bool = False
 
 
 def describe(weights_dir: str | os.PathLike | None = None) -> list[Row]:
