@@ -439,3 +439,31 @@ def test_experiments_name_their_starting_weights_by_registry_name():
         assert init_from == "null" or P.is_pretrained_name(init_from), (path.name, init_from)
         if init_from != "null":
             assert path.stem in P.get_pretrained(init_from).experiments, path.name
+
+
+@pytest.mark.slow
+def test_run_takes_names_for_checkpoint_and_init_from(sample_root, tmp_path, monkeypatch):
+    """A short run's checkpoint placed where two names live: `mode=test checkpoint=NAME` evaluates it and
+    `init_from=NAME` starts a T-VA run from the folder converted for T-VA, loading strictly."""
+    import shutil
+
+    import gram.main as main
+    from gram.checkpoint_format import list_checkpoints
+    from tests.conftest import compose_config, sample_overrides
+
+    first = tmp_path / "first"
+    main.run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=2"), output_dir=first))
+    weights = tmp_path / "weights"
+    for folder in ("gram/finetuned_didemo", "gram/pretrained_tvas-tva"):  # T-VA: the tiny model's modalities
+        shutil.copytree(list_checkpoints(first)[-1], weights / folder)
+
+    tested = main.run(compose_config(*sample_overrides(sample_root, "mode=test", f"paths.weights_dir={weights}",
+                                                       "checkpoint=gram-finetuned-didemo"), output_dir=tmp_path / "t"))
+    assert next(iter(tested.values()))["checkpoint"] == str(weights / "gram/finetuned_didemo")
+
+    loaded = []
+    real_load = main.ckpt.load_weights
+    monkeypatch.setattr(main.ckpt, "load_weights", lambda task, path: loaded.append(path) or real_load(task, path))
+    main.run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=1", f"paths.weights_dir={weights}",
+                                              "init_from=gram-pretrained-tvas"), output_dir=tmp_path / "second"))
+    assert loaded == [weights / "gram/pretrained_tvas-tva"]
