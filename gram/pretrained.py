@@ -78,7 +78,7 @@ class FileSpec:
 class Source:
     """Where a release comes from. ``kind``: ``url`` (a direct link), ``hf`` (Hugging Face hub files),
     ``open_clip`` (open_clip's pretrained registry, ``repo`` = model name, ``tag`` = pretrained tag) or
-    ``gdrive_folder`` (a public Google Drive folder, needs ``pip install gdown``)."""
+    ``gdrive_folder`` (a public Google Drive folder, needs gdown: the ``download`` extra)."""
 
     kind: str
     url: str
@@ -386,8 +386,8 @@ def _fetch_gdrive_folder(source: Source, dest: Path, progress: bool) -> None:
     try:
         import gdown
     except ImportError as err:
-        raise DownloadUnavailableError("Google Drive folders need gdown: pip install 'gram[download]' (or pip "
-                                       "install gdown)") from err
+        raise DownloadUnavailableError("Google Drive folders need gdown: pip install -e .[download] in gram's "
+                                       "checkout (or pip install gdown==6.5.1)") from err
     try:
         got = gdown.download_folder(url=source.url, output=str(dest), quiet=not progress)
     except Exception as err:  # gdown raises its own types for quota, permission and network failures

@@ -9,7 +9,7 @@
 
 Names: `gram.list_pretrained()`; the groups `encoders` and `gram` stand for all of either kind. Files already
 in place are kept; a download goes to a temporary name and is renamed only once its size and checksum match,
-so an interrupted one never looks complete. GRAM models come as Google Drive folders (`pip install gdown`) and
+so an interrupted one never looks complete. GRAM models come as Google Drive folders (gdown: `pip install -e .[download]`) and
 are converted into gram's checkpoint format (`pretrained_weights/gram/<name>/`) with convert_checkpoint.py.
 """
 
