@@ -103,7 +103,8 @@ class Pretrained:
     files: tuple[FileSpec, ...]
     source: Source
     modalities: tuple[str, ...] = ()
-    experiments: tuple[str, ...] = ()
+    experiments: tuple[str, ...] = ()  # configs/experiment files that start from it (init_from) or need it
+    reproduces: str = ""  # GRAM entries: the configs/experiment file whose result it is
     used_as: str = ""
     download_path: str = ""
     reference_name: str = ""
@@ -139,12 +140,13 @@ _FINETUNE_EXPERIMENTS = ("finetune_msrvtt_tvas", "finetune_vatex_tvas", "finetun
 
 
 def _gram(name: str, reference_name: str, folder_id: str, modalities: tuple[str, ...], description: str,
-          experiments: tuple[str, ...], used_as: str, paper_r1: str) -> Pretrained:
+          reproduces: str, experiments: tuple[str, ...], used_as: str, paper_r1: str) -> Pretrained:
     short = name.removeprefix("gram-").replace("-", "_")
     return Pretrained(
         name=name, kind=GRAM_KIND, description=description, path=f"gram/{short}",
         files=(FileSpec("model.safetensors"), FileSpec("config.json")),
         source=Source("gdrive_folder", _GDRIVE + folder_id), modalities=modalities, experiments=experiments,
+        reproduces=reproduces,
         used_as=used_as, download_path=f"gram/released/{reference_name}", reference_name=reference_name,
         paper_r1=paper_r1, size_note=_GRAM_SIZE_NOTE, aliases=(reference_name,))
 
@@ -152,24 +154,24 @@ def _gram(name: str, reference_name: str, folder_id: str, modalities: tuple[str,
 _ENTRIES = (
     _gram("gram-pretrained-tvas", "GRAM_pretrained_5modalities", "1T6IFymtJ8mKeO_amz9Kz1OFgHZEK6huz",
           ("video", "audio", "subtitle"), "GRAM after VAST-27M 150k-subset training with the T-VAS volume",
-          _FINETUNE_EXPERIMENTS, "init_from (finetuning); mode=test checkpoint= (zero-shot)",
-          "MSR-VTT zero-shot t2v 54.8"),
+          "pretrain_vast150k_tvas", _FINETUNE_EXPERIMENTS,
+          "init_from (finetuning); mode=test checkpoint= (zero-shot)", "MSR-VTT zero-shot t2v 54.8"),
     _gram("gram-pretrained-tvasd", "GRAM_pretrained_4modalities", "1mD9PDvugLx3t1KtTCwJtYO8VZDFKfMgs",
           ("video", "audio", "subtitle", "depth"),
           "GRAM after VAST-27M 150k-subset training with the T-VASD volume (with depth)",
-          ("pretrain_vast150k_tvasd",), "init_from; mode=test checkpoint= (zero-shot)",
+          "pretrain_vast150k_tvasd", (), "init_from; mode=test checkpoint= (zero-shot)",
           "MSR-VTT zero-shot t2v 55.3"),
     _gram("gram-finetuned-msrvtt", "GRAM_finetuned_MSRVTT", "1CEpdfL2xAm15FlYbmNd4r5c8fqTKDy16",
-          ("video", "audio", "subtitle"), "GRAM finetuned on MSR-VTT (T-VAS)", ("finetune_msrvtt_tvas",),
+          ("video", "audio", "subtitle"), "GRAM finetuned on MSR-VTT (T-VAS)", "finetune_msrvtt_tvas", (),
           "mode=test checkpoint= data=msrvtt_ret", "MSR-VTT t2v 64.0"),
     _gram("gram-finetuned-didemo", "GRAM_finetuned_DIDEMO", "1tdiknBL-8yL06blKuLCn0uuxRe_Jpnee",
-          ("video", "audio"), "GRAM finetuned on DiDeMo (T-VA)", ("finetune_didemo_tva",),
+          ("video", "audio"), "GRAM finetuned on DiDeMo (T-VA)", "finetune_didemo_tva", (),
           "mode=test checkpoint= data=didemo_ret", "DiDeMo t2v 67.3"),
     _gram("gram-finetuned-activitynet", "GRAM_finetuned_ANET", "1q4Q_qXb0IA0cmb-TO0WA6_89JiJf_apM",
-          ("video", "audio"), "GRAM finetuned on ActivityNet Captions (T-VA)", ("finetune_activitynet_tva",),
+          ("video", "audio"), "GRAM finetuned on ActivityNet Captions (T-VA)", "finetune_activitynet_tva", (),
           "mode=test checkpoint= data=activitynet_ret", "ActivityNet t2v 69.9"),
     _gram("gram-finetuned-vatex", "GRAM_finetuned_VATEX", "1klv4o7OSSPc1urGgdp3tRxgfU_XYKneW",
-          ("video", "audio", "subtitle"), "GRAM finetuned on VATEX (T-VAS)", ("finetune_vatex_tvas",),
+          ("video", "audio", "subtitle"), "GRAM finetuned on VATEX (T-VAS)", "finetune_vatex_tvas", (),
           "mode=test checkpoint= data=vatex_ret", "VATEX t2v 87.7"),
     Pretrained(
         name="eva01-clip-g-14", kind=ENCODER_KIND,
@@ -587,6 +589,7 @@ class Row:
     size: str
     used_as: str
     experiments: str
+    reproduces: str
     source: str
     present: bool = False
 
@@ -598,5 +601,5 @@ def describe(weights_dir: str | os.PathLike | None = None) -> list[Row]:
         size = f"{entry.total_size:,} B" if entry.total_size is not None else (entry.size_note or "unknown")
         present = not check_files(expected_path(entry.name, weights_dir), entry.files)
         rows.append(Row(entry.name, entry.kind, ",".join(entry.modalities), size, entry.used_as,
-                        ", ".join(entry.experiments), entry.source.url.split("?")[0], present))
+                        ", ".join(entry.experiments), entry.reproduces, entry.source.url.split("?")[0], present))
     return rows

@@ -9,8 +9,9 @@
 
 Names: `gram.list_pretrained()`; the groups `encoders` and `gram` stand for all of either kind. Files already
 in place are kept; a download goes to a temporary name and is renamed only once its size and checksum match,
-so an interrupted one never looks complete. GRAM models come as Google Drive folders (gdown: `pip install -e .[download]`) and
-are converted into gram's checkpoint format (`pretrained_weights/gram/<name>/`) with convert_checkpoint.py.
+so an interrupted one never looks complete. GRAM models come as Google Drive folders (gdown: `pip install -e
+.[download]`) and are converted into gram's checkpoint format (`pretrained_weights/gram/<name>/`) with
+convert_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def print_list(weights_dir: Path | None) -> None:
     for r in rows:
         mark = "here   " if r.present else "missing"
         print(f"{mark}  {r.name:<{width}}  {r.kind:<7}  {r.modalities or '-':<24} {r.size}")
-        print(f"{'':<9}{'':<{width}}  used as {r.used_as}; {r.source}")
+        made_by = f"; result of experiment={r.reproduces}" if r.reproduces else ""
+        print(f"{'':<9}{'':<{width}}  used as {r.used_as}{made_by}; {r.source}")
 
 
 def verify(names: list[str], weights_dir: Path | None) -> int:

@@ -67,13 +67,18 @@ def test_every_entry_is_described_consistently():
     for name in P.list_pretrained():
         entry = P.get_pretrained(name)
         assert entry.source.url.startswith("https://"), name
-        assert entry.modalities and entry.used_as and entry.experiments, name
+        assert entry.modalities and entry.used_as, name
         for spec in entry.files:  # a checksum is only given with the size it belongs to
             assert spec.sha256 is None or (len(spec.sha256) == 64 and spec.size is not None), name
         if entry.kind == "gram":
             assert entry.download_path.startswith("gram/released/") and entry.path.startswith("gram/")
-            for experiment in entry.experiments:
+            for experiment in (entry.reproduces, *entry.experiments):
                 assert (ROOT / "configs" / "experiment" / f"{experiment}.yaml").is_file(), experiment
+            reproduced = (ROOT / "configs" / "experiment" / f"{entry.reproduces}.yaml").read_text()
+            # the volume of the experiment that produced it is the release's
+            assert f"model:\n  modalities: [{', '.join(entry.modalities)}]" in reproduced, name
+        else:
+            assert entry.experiments, name
 
 
 def test_published_vocab_checksum_is_the_standard_vocabulary():
