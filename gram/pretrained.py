@@ -175,7 +175,8 @@ _ENTRIES = (
           "mode=test checkpoint= data=vatex_ret", "VATEX t2v 87.7"),
     Pretrained(
         name="eva01-clip-g-14", kind=ENCODER_KIND,
-        description="EVA01-CLIP-g/14 (LAION-400M, 11B samples), the reference's file; only the visual tower is used",
+        description="EVA01-CLIP-g/14 (LAION-400M, 11B samples), the reference's file; only its visual tower is "
+                    "used",
         path="clip/EVA01_CLIP_g_14_psz14_s11B.pt", files=(FileSpec(""),),
         source=Source("hf", "https://huggingface.co/QuanSun/EVA-CLIP/resolve/main/EVA01_CLIP_g_14_psz14_s11B.pt",
                       repo="QuanSun/EVA-CLIP", files=("EVA01_CLIP_g_14_psz14_s11B.pt",)),
@@ -196,8 +197,8 @@ _ENTRIES = (
         description="BEATs iter3+ pretrained on AudioSet-2M (Microsoft unilm), the reference's audio encoder",
         path="beats/BEATs_iter3_plus_AS2M.pt", files=(FileSpec(""),),
         # The link published in microsoft/unilm beats/README.md (a read-only container token valid to 2033).
-        source=Source("url", "https://valle.blob.core.windows.net/share/BEATs/BEATs_iter3_plus_AS2M.pt?sv=2020-08-04"
-                      "&st=2023-03-01T07%3A51%3A05Z&se=2033-03-02T07%3A51%3A00Z&sr=c&sp=rl"
+        source=Source("url", "https://valle.blob.core.windows.net/share/BEATs/BEATs_iter3_plus_AS2M.pt"
+                      "?sv=2020-08-04&st=2023-03-01T07%3A51%3A05Z&se=2033-03-02T07%3A51%3A00Z&sr=c&sp=rl"
                       "&sig=QJXmSJG9DbMKf48UDIU1MfzIro8HQOf3sqlNXiflY1I%3D"),
         modalities=("audio",), experiments=("model=gram_base (every paper experiment)",),
         used_as="model.audio.weights; --beats-cfg of convert_checkpoint.py", aliases=("BEATs_iter3_plus_AS2M",)),
@@ -209,8 +210,8 @@ _ENTRIES = (
                # size and sha256 of the standard 30522-entry vocabulary (as in ../shared/data/bert-base-uncased)
                FileSpec("vocab.txt", 231508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
                FileSpec("model.safetensors", alternatives=("pytorch_model.bin",))),
-        source=Source("hf", "https://huggingface.co/google-bert/bert-base-uncased", repo="google-bert/bert-base-uncased",
-                      files=("config.json", "vocab.txt", "model.safetensors")),
+        source=Source("hf", "https://huggingface.co/google-bert/bert-base-uncased",
+                      repo="google-bert/bert-base-uncased", files=("config.json", "vocab.txt", "model.safetensors")),
         modalities=("text", "subtitle"), experiments=("model=gram_base (every paper experiment)",),
         used_as="model.text.weights, data.tokenizer", aliases=("google-bert/bert-base-uncased",)),
 )
@@ -331,7 +332,8 @@ def _pick_file(path: Path, entry: Pretrained) -> Path:
 
 # ------------------------------------------------------------------------------------------- downloading
 def offline() -> bool:
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("GRAM_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes")
+               for var in ("GRAM_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _fetch_url(source: Source, dest: Path, progress: bool) -> None:
@@ -455,8 +457,8 @@ def _not_found(entry: Pretrained, path: Path, weights_dir: Path, reason: str) ->
     what = "the folder" if entry.kind == GRAM_KIND or entry.is_folder else "the file"
     into = weights_dir / entry.download_path if entry.kind == GRAM_KIND else path
     return PretrainedNotFoundError(
-        f"pretrained {entry.name!r} not found at {path} ({reason}). Get it with `{download_command(entry, weights_dir)}`, "
-        f"or download {what} {entry.source.url.split('?')[0]} by hand into {into}, or point {entry.env_var} (or "
+        f"pretrained {entry.name!r} not found at {path} ({reason}). Get it with "
+        f"`{download_command(entry, weights_dir)}`, or download {what} {entry.source.url.split('?')[0]} by hand into {into}, or point {entry.env_var} (or "
         f"paths.weights_dir) at a copy.")
 
 
@@ -483,8 +485,8 @@ def _run_converter(argv: list[str]) -> None:
 
 def convert_command(entry: Pretrained, released: Path, out: Path, modalities: Sequence[str],
                     weights_dir: Path) -> list[str]:
-    argv = [sys.executable, str(REPO_ROOT / "scripts" / "convert_checkpoint.py"), str(_released_checkpoint(released)),
-            str(out), "--modalities", *modalities]
+    script = REPO_ROOT / "scripts" / "convert_checkpoint.py"
+    argv = [sys.executable, str(script), str(_released_checkpoint(released)), str(out), "--modalities", *modalities]
     beats = weights_dir / REGISTRY["beats-iter3-plus-as2m"].path
     if beats.is_file():
         argv += ["--beats-cfg", str(beats)]
@@ -537,8 +539,8 @@ def resolve_pretrained(name: str, weights_dir: str | os.PathLike | None = None,
         return _pick_file(target, entry)
     may_download = not offline() if download is None else download
     if target.exists():  # present but incomplete or wrong: say so rather than overwrite what the user put there
-        raise PretrainedNotFoundError(f"pretrained {entry.name!r} at {target} is incomplete: {'; '.join(problems)}. "
-                                      f"Remove it and run {download_command(entry, root)}")
+        raise PretrainedNotFoundError(f"pretrained {entry.name!r} at {target} is incomplete: "
+                                      f"{'; '.join(problems)}. Remove it and run {download_command(entry, root)}")
     if entry.kind == GRAM_KIND:
         released = root / entry.download_path
         if check_files(released, _RELEASED_FILES):

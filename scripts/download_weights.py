@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Fetch released GRAM checkpoints and encoder weights by name into pretrained_weights/ (needs network access).
 
-    python scripts/download_weights.py --list                    # every name, its size, use and whether it is here
-    python scripts/download_weights.py encoders                  # EVA01-CLIP-g/14, BEATs and BERT-base (the defaults)
-    python scripts/download_weights.py gram-pretrained-tvas      # a released GRAM model, converted for gram
+    python scripts/download_weights.py --list                # every name, its size, use and whether it is here
+    python scripts/download_weights.py encoders              # EVA01-CLIP-g/14, BEATs and BERT-base
+    python scripts/download_weights.py gram-pretrained-tvas  # a released GRAM model, converted for gram
     python scripts/download_weights.py gram-pretrained-tvas --modalities video audio   # converted for T-VA
-    python scripts/download_weights.py --verify                  # check sizes and checksums of what is here
+    python scripts/download_weights.py --verify              # check sizes and checksums of what is here
 
 Names: `gram.list_pretrained()`; the groups `encoders` and `gram` stand for all of either kind. Files already
 in place are kept; a download goes to a temporary name and is renamed only once its size and checksum match,
