@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gram import distributed as dist
+from gram.cli import UserError
 from gram.config import GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
@@ -138,7 +139,9 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
     source = ckpt.resolve_checkpoint(pretrained_source(cfg.checkpoint, cfg)) if cfg.mode == "test" else None
-    init_from = pretrained_source(cfg.init_from, cfg, cfg.model.modalities) if cfg.init_from and source is None else None
+    init_from = None
+    if source is None and cfg.init_from:  # resolved (maybe fetched) before the long dataset and model builds
+        init_from = pretrained_source(cfg.init_from, cfg, cfg.model.modalities)
     if source is not None:  # the model and loss are the checkpoint's own, whatever the command line says
         task = task_from_checkpoint(source, tokenizer)
         cfg.model, cfg.loss = task.model.cfg, task.loss.cfg
@@ -188,10 +191,17 @@ def pretrained_source(value: str | None, cfg: GramConfig, modalities: list[str] 
     under ``paths.weights_dir`` and converted for ``modalities``. Rank 0 downloads/converts, the others wait."""
     if not value or not is_pretrained_name(value):
         return resolve_model_source(value) if value else value  # a misspelt name is an error listing close names
+    path, error = None, None
     if dist.is_main_process():
-        path = resolve_model_source(value, cfg.paths.weights_dir, modalities)
-    if dist.is_dist_initialized():
-        torch.distributed.barrier()
+        try:
+            path = resolve_model_source(value, cfg.paths.weights_dir, modalities)
+        except Exception as err:  # every rank must leave the collective below, then rank 0 raises it
+            error = err
+    failure = dist.all_gather_object(None if error is None else str(error))[0]  # rank 0's outcome, on every rank
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise UserError(f"{value!r} could not be resolved on rank 0: {failure}")
     if not dist.is_main_process():
         path = resolve_model_source(value, cfg.paths.weights_dir, modalities, download=False)
     return path

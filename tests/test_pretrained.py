@@ -472,3 +472,60 @@ def test_run_takes_names_for_checkpoint_and_init_from(sample_root, tmp_path, mon
     main.run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=1", f"paths.weights_dir={weights}",
                                               "init_from=gram-pretrained-tvas"), output_dir=tmp_path / "second"))
     assert loaded == [weights / "gram/pretrained_tvas-tva"]
+
+
+def _rank_resolves(rank: int, port: int, weights: str, name: str, out: str) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from gram.main import pretrained_source
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        cfg = SimpleNamespace(paths=SimpleNamespace(weights_dir=weights))
+        try:
+            outcome = f"path {pretrained_source(name, cfg, ['video', 'audio'])}"
+        except Exception as err:
+            outcome = f"error {type(err).__name__}: {err}"
+        Path(out, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_ranks_agree_rank0_converts_and_nobody_hangs(tmp_path, monkeypatch, present):
+    """Two gloo ranks resolve a name: rank 0 alone converts (or fails), the other gets the same path (or an error
+    naming rank 0) instead of waiting forever."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    monkeypatch.setenv("GRAM_OFFLINE", "1")
+    calls = tmp_path / "converter_calls.txt"
+    calls.touch()
+
+    def fake(argv):
+        with open(calls, "a") as f:
+            f.write(" ".join(argv) + "\n")
+        Path(argv[3]).mkdir(parents=True)
+        for name in ("model.safetensors", "config.json"):
+            (Path(argv[3]) / name).write_text("{}")
+
+    monkeypatch.setattr(P, "_run_converter", fake)
+    weights = tmp_path / "weights"
+    if present:
+        write_release(weights / "gram/released/GRAM_pretrained_5modalities")
+    # fork: the ranks inherit the imports and the replaced converter
+    mp.start_processes(_rank_resolves, args=(free_port(), str(weights), "gram-pretrained-tvas", str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    if present:
+        assert outcomes == [f"path {weights / 'gram/pretrained_tvas-tva'}"] * 2
+        assert len(calls.read_text().splitlines()) == 1
+    else:
+        assert outcomes[0].startswith("error PretrainedNotFoundError: pretrained 'gram-pretrained-tvas' not found")
+        assert outcomes[1].startswith("error UserError: 'gram-pretrained-tvas' could not be resolved on rank 0")
+        assert calls.read_text() == ""
