@@ -244,8 +244,8 @@ def write_shards(
 
     Returns:
         The ``index.json`` content: ``shards`` ([{"file", "samples", "bytes"}]), ``total``, ``source``,
-        ``num_missing``, ``missing_ids_file``, ``duplicate_ids``, ``empty_caption_ids``, and this run's ``written``/``reused``
-        shard names (those two are not stored in the file).
+        ``num_missing``, ``missing_ids_file``, ``duplicate_ids``, ``empty_caption_ids``, and this run's
+        ``written``/``reused`` shard names (those two are not stored in the file).
     """
     if samples_per_shard < 1:
         raise ShardError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
