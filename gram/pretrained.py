@@ -85,6 +85,11 @@ class Source:
     repo: str = ""
     tag: str = ""
     files: tuple[str, ...] = ()  # hf: the files to fetch into the folder
+    page: str = ""  # where a person finds the link (when ``url`` itself is not for reading, e.g. a signed link)
+
+    @property
+    def where(self) -> str:
+        return self.page or self.url
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,8 @@ _ENTRIES = (
         # The link published in microsoft/unilm beats/README.md (a read-only container token valid to 2033).
         source=Source("url", "https://valle.blob.core.windows.net/share/BEATs/BEATs_iter3_plus_AS2M.pt"
                       "?sv=2020-08-04&st=2023-03-01T07%3A51%3A05Z&se=2033-03-02T07%3A51%3A00Z&sr=c&sp=rl"
-                      "&sig=QJXmSJG9DbMKf48UDIU1MfzIro8HQOf3sqlNXiflY1I%3D"),
+                      "&sig=QJXmSJG9DbMKf48UDIU1MfzIro8HQOf3sqlNXiflY1I%3D",
+                      page="https://github.com/microsoft/unilm/tree/master/beats (BEATs_iter3+ AS2M link)"),
         modalities=("audio",), experiments=("model=gram_base (every paper experiment)",),
         used_as="model.audio.weights; --beats-cfg of convert_checkpoint.py", aliases=("BEATs_iter3_plus_AS2M",)),
     Pretrained(
@@ -348,7 +354,7 @@ def _fetch_url(source: Source, dest: Path, progress: bool) -> None:
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as err:  # URLError, timeouts, refused connections
-        raise DownloadUnavailableError(f"download of {source.url.split('?')[0]} failed: {err}") from err
+        raise DownloadUnavailableError(f"download from {source.where} failed: {err}") from err
 
 
 def _fetch_hf(source: Source, dest: Path, progress: bool) -> None:
@@ -426,7 +432,7 @@ def _download(entry: Pretrained, target: Path, files: Sequence[FileSpec], progre
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"download {entry.name} from {entry.source.url.split('?')[0]} -> {target}", file=sys.stderr)
+        print(f"download {entry.name} from {entry.source.where} -> {target}", file=sys.stderr)
     if entry.is_folder or entry.kind == GRAM_KIND:  # fetchers tell a folder release by the folder made here
         tmp.mkdir()
     try:
@@ -458,8 +464,8 @@ def _not_found(entry: Pretrained, path: Path, weights_dir: Path, reason: str) ->
     into = weights_dir / entry.download_path if entry.kind == GRAM_KIND else path
     return PretrainedNotFoundError(
         f"pretrained {entry.name!r} not found at {path} ({reason}). Get it with "
-        f"`{download_command(entry, weights_dir)}`, or download {what} {entry.source.url.split('?')[0]} by hand into {into}, or point {entry.env_var} (or "
-        f"paths.weights_dir) at a copy.")
+        f"`{download_command(entry, weights_dir)}`, or download {what} from {entry.source.where} by hand into "
+        f"{into}, or point {entry.env_var} (or paths.weights_dir) at a copy.")
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -603,5 +609,5 @@ def describe(weights_dir: str | os.PathLike | None = None) -> list[Row]:
         size = f"{entry.total_size:,} B" if entry.total_size is not None else (entry.size_note or "unknown")
         present = not check_files(expected_path(entry.name, weights_dir), entry.files)
         rows.append(Row(entry.name, entry.kind, ",".join(entry.modalities), size, entry.used_as,
-                        ", ".join(entry.experiments), entry.reproduces, entry.source.url.split("?")[0], present))
+                        ", ".join(entry.experiments), entry.reproduces, entry.source.where, present))
     return rows
