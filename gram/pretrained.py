@@ -606,7 +606,9 @@ def describe(weights_dir: str | os.PathLike | None = None) -> list[Row]:
     """Every entry with its size, use and whether it is present under ``weights_dir`` (no network, no hashing)."""
     rows = []
     for entry in _ENTRIES:
-        size = f"{entry.total_size:,} B" if entry.total_size is not None else (entry.size_note or "unknown")
+        known = [f"{spec.name} {spec.size:,} B" for spec in entry.files if spec.size is not None]
+        size = (f"{entry.total_size:,} B" if entry.total_size is not None else entry.size_note
+                or ("unknown except " + ", ".join(known) if known else "not published"))
         present = not check_files(expected_path(entry.name, weights_dir), entry.files)
         rows.append(Row(entry.name, entry.kind, ",".join(entry.modalities), size, entry.used_as,
                         ", ".join(entry.experiments), entry.reproduces, entry.source.where, present))
