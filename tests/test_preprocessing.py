@@ -77,6 +77,19 @@ def test_reference_converts_a_bt709_clip_with_bt601(tmp_path):
     assert np.abs(reference - bt709[inner]).max() > 20
 
 
+def test_bt601_reaches_every_pyav_decoding_path():
+    """Seeking, threaded and sequential decodes all convert with the flag (here against one in-order decode)."""
+    path = shared_path("data", "media", "video1.mp4")  # tagged BT.709
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24", src_colorspace="ITU601", src_color_range="MPEG")
+                  for f in container.decode(video=0)]
+    wanted = [3, 40, 41, 90, 130]
+    for threads in (1, 3):
+        assert np.array_equal(decode_frames(path, wanted, threads=threads, bt601=True).numpy(),
+                              np.stack([frames[i] for i in wanted]))
+    assert not np.array_equal(decode_frames(path, wanted).numpy(), np.stack([frames[i] for i in wanted]))
+
+
 # ------------------------------------------------------------------------------------------------ resize
 
 _NORMALIZE = T.Normalize(CLIP_MEAN, CLIP_STD)
