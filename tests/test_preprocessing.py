@@ -259,3 +259,21 @@ def test_mode_test_uses_the_recorded_preset(checkpoint, sample_root, monkeypatch
         gram.main.run(node)
     assert seen == ["accurate"]
     assert "data.preprocessing=reference is ignored" in caplog.text
+
+
+def test_scripts_run_the_recorded_preset(checkpoint, sample_root, tmp_path, capsys):
+    from tests.test_scripts_inference import diagnose, retrieve
+
+    _record(checkpoint, "accurate")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for source in sorted((sample_root / "videos").glob("*.mp4"))[:2]:
+        (videos / source.name).symlink_to(source)
+    argv = ["--checkpoint", str(checkpoint), "--videos", str(videos), "--device", "cpu", "--query", "a clip"]
+    retrieve.main(argv)
+    assert "preprocessing preset: accurate" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="'reference' overrides 'accurate'"):
+        retrieve.main([*argv, "--preprocessing", "reference"])
+    assert "preprocessing preset: reference" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="data.preprocessing=reference is ignored"):
+        diagnose.warn_ignored_preset(["data.sample_dir=x", "data.preprocessing=reference"], "accurate")
