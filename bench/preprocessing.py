@@ -13,6 +13,8 @@ Everything is measured in one run on generated inputs (and the shared media when
    (the 16-bit rounding noise the reference preset adds), and the largest normalised-fbank difference. The
    shared AAC files give the same fbank difference on real audio.
 4. Cost: median ms to transform 8 frames of 640x360 to (8, 3, 224, 224), per preset.
+5. The shared videos (when present): how far apart the two presets' model inputs are (8 test frames, the
+   ``none`` transform at 224, CLIP-normalised units): max and relative L2 of the difference.
 
     python bench/preprocessing.py
 """
@@ -125,6 +127,19 @@ def transform_cost(repeats: int = 7) -> dict[str, float]:
     return out
 
 
+def shared_video_gap() -> dict[str, tuple[float, float]]:
+    """{video: (max |reference - accurate|, relative L2)} of the 8 test frames' model inputs (CLIP-normalised)."""
+    from gram.data.video import load_video_frames
+
+    out = {}
+    for path in sorted(SHARED_MEDIA.glob("video*.mp4")):
+        inputs = {preset: load_video_frames(path, 8, False, VideoTransform(224, preprocessing=preset))
+                  for preset in PRESETS}
+        gap = inputs["reference"] - inputs["accurate"]
+        out[path.name] = (float(gap.abs().max()), float(gap.norm() / inputs["reference"].norm()))
+    return out
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, PyAV {av.__version__}, {torch.get_num_threads()} threads")
     print("\n1. aliasing: stripes of period 2.5 px, 640x360 -> 224x224 (correct: flat grey)")
@@ -140,6 +155,11 @@ def main() -> None:
     print("\n4. cost: 8 frames 640x360 -> (8, 3, 224, 224), crop_flip test transform (median ms)")
     for preset, ms in transform_cost().items():
         print(f"   {preset:<10} {ms:.1f} ms")
+    gaps = shared_video_gap()
+    if gaps:
+        print("\n5. shared videos: reference vs accurate model inputs, 8 test frames, none transform (CLIP units)")
+        for name, (worst, rel) in gaps.items():
+            print(f"   {name:<12} max {worst:.2f}   relative L2 {100 * rel:.1f} %")
     sys.stdout.flush()
 
 
