@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from gram.data.preprocessing import DEFAULT_PRESET, PRESETS
 from gram.losses import LossConfig
 from gram.models.beats import BeatsConfig
 from gram.models.text import TextConfig
@@ -107,6 +108,10 @@ class DataConfig:
     test_num_frames: int = 8
     image_size: int = 224
     transform: str = "none"
+    # The front end (frames and audio -> model inputs): "reference" reproduces the reference code that trained the
+    # released checkpoints; "accurate" resizes with antialiasing, honours colour tags and keeps audio float.
+    # See gram/data/preprocessing.py and README "Preprocessing presets". Checkpoints record it.
+    preprocessing: str = DEFAULT_PRESET
     num_audio_clips: int = 1
     audio_target_length: int = 1024
     audio_mel_bins: int = 64
@@ -120,6 +125,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.transform, ("none", "crop_flip"), "data.transform")
+        _one_of(self.preprocessing, tuple(PRESETS), "data.preprocessing")
         for key in ("num_frames", "test_num_frames", "image_size", "num_audio_clips", "batch_size", "test_batch_size"):
             _require(getattr(self, key) > 0, f"data.{key}", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -14,6 +14,7 @@ embeddings are the ones the training-time evaluation computes for the same files
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from os import PathLike
@@ -33,6 +34,7 @@ from gram.data.audio import (
     waveform_to_fbank,
 )
 from gram.data.dataset import Collator, VideoTextDataset
+from gram.data.preprocessing import get_preset, preset_origin, recorded_preset
 from gram.data.tokenizer import load_tokenizer
 from gram.data.video import VideoTransform, load_video_frames, sample_frame_indices
 from gram.eval.retrieval import embed_items
@@ -42,6 +44,7 @@ from gram.models.gram_model import GramModel
 from gram.pretrained import resolve_model_source
 
 MediaInput = str | PathLike | torch.Tensor
+log = logging.getLogger(__name__)
 
 
 class TokenizerNotFoundError(FileNotFoundError):
@@ -63,7 +66,8 @@ class GramPredictor:
         self.model = model.eval().to(device)
         self.data, self.device, self.batch_size = data, device, batch_size
         self.collator = Collator(tokenizer, data.max_text_len, data.max_subtitle_len)
-        self.transform = VideoTransform(data.image_size, mode=data.transform, training=False)
+        self.transform = VideoTransform(data.image_size, mode=data.transform, training=False,
+                                        preprocessing=data.preprocessing)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -162,7 +166,8 @@ class GramPredictor:
                                  f"got shape {tuple(item.shape)}")
             return item
         try:
-            return load_audio_clips(item, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins, training=False)
+            return load_audio_clips(item, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins, training=False,
+                                    preprocessing=d.preprocessing)
         except NoAudioStreamError:
             warnings.warn(f"{item} has no audio stream; embedding silence for it (as training does)",
                           SilentAudioWarning, stacklevel=4)
@@ -192,23 +197,40 @@ class GramPredictor:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
-               tokenizer: str | PathLike | None = None, batch_size: int = 32) -> GramPredictor:
+               tokenizer: str | PathLike | None = None, batch_size: int = 32,
+               preprocessing: str | None = None) -> GramPredictor:
     """A ready :class:`GramPredictor` from a checkpoint folder (``.../checkpoints/step_N``), its
     ``model.safetensors``, a training output dir (its latest checkpoint), or a released model's name
     (``gram.list_pretrained("gram")``: found under pretrained_weights/, else downloaded and converted).
 
     The model, its preprocessing and its tokenizer come from the checkpoint's config.json; ``tokenizer``
     overrides the tokenizer path (a directory with vocab.txt, or the file) when the run's one is not here.
+    The preprocessing preset is the one config.json records (``data.preprocessing``; "accurate" for checkpoints
+    written before the key existed); ``preprocessing`` overrides it, with a warning.
     Weights are loaded strictly. ``device``: "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
     """
     path_or_name = resolve_model_source(path_or_name)  # a registry name -> its local folder (gram.pretrained)
     folder = _checkpoint_folder(path_or_name)
     saved = ckpt.read_config(folder)
     data_cfg = typed_section(DataConfig, saved.get("data"), str(folder / ckpt.CONFIG))
+    data_cfg.preprocessing = chosen_preset(saved, folder, preprocessing, "load_model(preprocessing=...)")
     vocab = _tokenizer_path(tokenizer if tokenizer is not None else data_cfg.tokenizer, folder, tokenizer is None)
     text_tokenizer = load_tokenizer(vocab)
     task = task_from_checkpoint(folder, text_tokenizer)
     return GramPredictor(task.model, data_cfg, text_tokenizer, _device(device), batch_size)
+
+
+def chosen_preset(saved: dict[str, Any], folder: Path, requested: str | None, source: str) -> str:
+    """The preprocessing preset to evaluate a checkpoint with: ``requested`` when given (warning when it is not
+    the recorded one), else the one its config.json records. Logs the choice."""
+    recorded = recorded_preset(saved)
+    if requested is None or requested == recorded:
+        log.info("preprocessing preset %r (%s)", recorded, preset_origin(saved, folder / ckpt.CONFIG))
+        return recorded
+    get_preset(requested, source)
+    warnings.warn(f"{source}: preprocessing preset {requested!r} overrides {recorded!r}, recorded in "
+                  f"{folder / ckpt.CONFIG}; the model was trained with {recorded!r}", stacklevel=3)
+    return requested
 
 
 def _checkpoint_folder(path_or_name: str | PathLike) -> Path:

@@ -19,6 +19,7 @@ from gram.cli import UserError
 from gram.config import GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
+from gram.data.preprocessing import preset_origin, recorded_preset
 from gram.data.tokenizer import load_tokenizer
 from gram.eval.classification import evaluate_classification
 from gram.eval.retrieval import evaluate_retrieval, format_table, warn_if_incomplete
@@ -94,6 +95,18 @@ def task_from_checkpoint(folder: Path, tokenizer) -> GramTask:
     return task
 
 
+def checkpoint_preset(folder: Path, configured: str) -> str:
+    """The preprocessing preset a checkpoint records (``mode=test`` evaluates with it), warning when the config
+    asks for another one."""
+    saved = ckpt.read_config(folder)
+    recorded = recorded_preset(saved)
+    if configured != recorded:
+        log.warning("data.preprocessing=%s is ignored: the checkpoint is evaluated with the preset it was trained "
+                    "with, %r", configured, recorded)
+    log.info("preprocessing preset %r (%s)", recorded, preset_origin(saved, folder / ckpt.CONFIG))
+    return recorded
+
+
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
@@ -142,9 +155,11 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     init_from = None
     if source is None and cfg.init_from:  # resolved (maybe fetched) before the long dataset and model builds
         init_from = pretrained_source(cfg.init_from, cfg, cfg.model.modalities)
-    if source is not None:  # the model and loss are the checkpoint's own, whatever the command line says
+    if source is not None:  # the model, loss and preprocessing are the checkpoint's own, whatever the config says
         task = task_from_checkpoint(source, tokenizer)
         cfg.model, cfg.loss = task.model.cfg, task.loss.cfg
+        preset = checkpoint_preset(source, cfg.data.preprocessing)
+        cfg.data.preprocessing = config_dict["data"]["preprocessing"] = preset
     train_set, test_set = datasets(cfg, training=cfg.mode == "train")  # data errors before a long model build
     if source is None:
         task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def resolve_split(args: argparse.Namespace) -> DatasetConfig:
     return split_from_config(args.data, args.split, args.overrides)
 
 
+def warn_ignored_preset(overrides: Sequence[str], used: str) -> None:
+    """A data config override of the preset does not apply: the model is run with its checkpoint's (or
+    --preprocessing's) preset. Say so when they differ."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "data.preprocessing" and value != used:
+            warnings.warn(f"{override} is ignored: the checkpoint is run with preprocessing preset {used!r} "
+                          f"(its recorded one; --preprocessing overrides it)", stacklevel=2)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training output dir")
@@ -73,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="the run's vocab.txt (or its folder) if its config's path is not found here")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--preprocessing", choices=("reference", "accurate"),
+                   help="override the preprocessing preset the checkpoint records (warns; default: the recorded one)")
     p.add_argument("overrides", nargs="*", help="config overrides for a data config, e.g. data.sample_dir=DIR")
     return p.parse_args(argv)
 
@@ -81,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the diagnostics; returns the report as a dict (also written to geometry.json)."""
     args = parse_args(argv)
     split = resolve_split(args)
-    predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size)
+    predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                           preprocessing=args.preprocessing)
+    warn_ignored_preset(args.overrides, predictor.data.preprocessing)
+    print(f"preprocessing preset: {predictor.data.preprocessing}")
     embeddings = predictor.embed_split(split, limit=args.max_items, num_workers=args.num_workers)
     report = geometry_report(embeddings)
     print(format_report(report))

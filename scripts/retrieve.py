@@ -125,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--tokenizer", help="the run's vocab.txt (or its folder) if its config's path is not found here")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--preprocessing", choices=("reference", "accurate"),
+                   help="override the preprocessing preset the checkpoint records (warns; default: the recorded one)")
     args = p.parse_args(argv)
     if (args.videos is None) == (args.index is None):
         p.error("pass exactly one of --videos (index a folder) and --index (reuse a saved index)")
@@ -134,7 +136,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> tuple[list[Path], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Index (or load an index), then rank; returns (video paths, {ranking: (values (Q, k), indices (Q, k))})."""
     args = parse_args(argv)
-    predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size)
+    predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                           preprocessing=args.preprocessing)
+    print(f"preprocessing preset: {predictor.data.preprocessing}", file=sys.stderr)
     if args.index is not None:
         index, videos = load_index(args.index, predictor)
     else:

@@ -61,10 +61,12 @@ def write_video(
     return frames
 
 
-def decode_all(path: Path) -> np.ndarray:
-    """Independent reference: every frame, decoded in order without seeking or skipping."""
+def decode_all(path: Path, bt601: bool = False) -> np.ndarray:
+    """Independent reference: every frame, decoded in order without seeking or skipping (``bt601``: with the
+    BT.601 matrix and limited range, whatever the tags, as the reference preset decodes)."""
+    convert = {"src_colorspace": "ITU601", "src_color_range": "MPEG"} if bt601 else {}
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        return np.stack([f.to_ndarray(format="rgb24", **convert) for f in container.decode(video=0)])
 
 
 # ---------------------------------------------------------------- sampling
@@ -339,8 +341,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_none_mode_squashes_and_normalises():
+    # The accurate preset's antialiased uint8 resize (the reference preset: tests/test_preprocessing.py).
     clip = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8)
-    out = VideoTransform(16, mode="none")(clip)
+    out = VideoTransform(16, mode="none", preprocessing="accurate")(clip)
     assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
     expected = _normalise(F.interpolate(clip.float() / 255, size=(16, 16), mode="bilinear", antialias=True))
     assert (out - expected).abs().max() < 2.5 / 255 / min(CLIP_STD)  # uint8 rounding of the resize
@@ -348,7 +351,7 @@ def test_none_mode_squashes_and_normalises():
 
 def test_crop_flip_test_mode_is_short_side_resize_then_centre_crop():
     clip = torch.randint(0, 256, (1, 3, 64, 32), dtype=torch.uint8)  # portrait, short side 32
-    out = VideoTransform(16, mode="crop_flip", training=False)(clip)
+    out = VideoTransform(16, mode="crop_flip", training=False, preprocessing="accurate")(clip)
     resized = F.interpolate(clip.float() / 255, size=(32, 16), mode="bilinear", antialias=True)
     expected = _normalise(resized[..., 8:24, :])
     assert (out - expected).abs().max() < 2.5 / 255 / min(CLIP_STD)
@@ -399,7 +402,8 @@ def test_load_video_frames_test_mode_is_deterministic():
     a = load_video_frames(path, 8, False, transform)
     b = load_video_frames(path, 8, False, transform)
     assert a.shape == (8, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
-    raw = torch.from_numpy(decode_all(path)[sample_frame_indices(131, 8, False)]).permute(0, 3, 1, 2)
+    # The transform's (reference) preset also decodes with BT.601.
+    raw = torch.from_numpy(decode_all(path, bt601=True)[sample_frame_indices(131, 8, False)]).permute(0, 3, 1, 2)
     assert torch.equal(a, transform(raw))
 
 

@@ -10,6 +10,9 @@ This follows the reference's ``beats`` branch (gram-reference.md §5.4):
 3. ``torchaudio.compliance.kaldi.fbank`` on the waveform scaled by 2^15, then ``(x - 15.41663) / (2 * 6.55582)``;
 4. zero-pad (in normalised units) and cut into ``num_clips`` clips of ``target_length`` frames.
 
+With the ``reference`` preprocessing preset (gram/data/preprocessing.py), audio that libsndfile cannot read is rounded
+to 16-bit PCM before the downmix (:func:`reads_as_int16`), as the reference's ``librosa.load`` returns it.
+
 A clip without audio gets :func:`silent_clips`: zeros in normalised units, the same value as the reference's padding.
 """
 
@@ -23,7 +26,20 @@ import numpy as np
 import torch
 import torchaudio
 
+from gram.data.preprocessing import DEFAULT_PRESET, get_preset
+
 SAMPLE_RATE = 16000
+# What libsndfile (soundfile, hence librosa's first choice) decodes: {FFmpeg demuxer name: codecs}. Everything else
+# goes through librosa's audioread + FFmpeg fallback, which delivers 16-bit PCM.
+SNDFILE_READABLE = {
+    "wav": ("pcm_", "adpcm_ima_wav", "adpcm_ms", "gsm_ms"),
+    "w64": ("pcm_",),
+    "aiff": ("pcm_",),
+    "au": ("pcm_",),
+    "flac": ("flac",),
+    "ogg": ("vorbis", "opus", "flac"),
+    "mp3": ("mp1", "mp2", "mp3"),  # libsndfile >= 1.1 reads MPEG audio; FFmpeg names its decoders mp3float etc.
+}
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
 
@@ -44,17 +60,21 @@ class NoAudioStreamError(MediaError):
     """The file decodes but has no audio stream (e.g. a video without sound)."""
 
 
-def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE, preprocessing: str = DEFAULT_PRESET) -> torch.Tensor:
     """Decode the audio of ``path`` (by content, not by extension) to mono float32 at ``sample_rate``.
 
-    Returns a (T,) float32 tensor in [-1, 1] units. Raises :class:`MediaNotFoundError` for a missing file,
-    :class:`NoAudioStreamError` when the file has no audio stream and :class:`MediaDecodeError` when it cannot be
-    decoded.
+    Returns a (T,) float32 tensor in [-1, 1] units. With the ``reference`` preset, a file libsndfile cannot read is
+    first rounded to 16-bit PCM per channel (:func:`quantize_int16`). Raises :class:`MediaNotFoundError` for a
+    missing file, :class:`NoAudioStreamError` when the file has no audio stream and :class:`MediaDecodeError` when
+    it cannot be decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise MediaNotFoundError(f"audio file not found: {path}")
-    channels, native_rate = _decode_audio(path)
+    int16_fallback = get_preset(preprocessing, "preprocessing").int16_fallback
+    channels, native_rate, (container, codec) = _decode_audio(path)
+    if int16_fallback and reads_as_int16(container, codec):
+        channels = quantize_int16(channels)
     mono = torch.from_numpy(channels.mean(axis=0, dtype=np.float32))
     if native_rate == sample_rate:
         return mono
@@ -63,25 +83,43 @@ def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Ten
     return _resampler(native_rate, sample_rate)(mono)
 
 
+def reads_as_int16(container: str, codec: str) -> bool:
+    """Whether ``librosa.load`` returns this audio as 16-bit PCM: libsndfile cannot read it (see
+    :data:`SNDFILE_READABLE`), so it falls back to audioread + FFmpeg. ``container`` is FFmpeg's demuxer name as
+    PyAV reports it (e.g. ``"mov,mp4,m4a,3gp,3g2,mj2"`` for AAC, even in a file named .mp3), ``codec`` the decoder.
+    """
+    codecs = SNDFILE_READABLE.get(container)
+    return codecs is None or not codec.startswith(codecs)
+
+
+def quantize_int16(samples: np.ndarray) -> np.ndarray:
+    """Float samples as FFmpeg converts them to 16-bit PCM and librosa reads them back: round half to even
+    (``lrintf``) of x * 2^15, clipped to [-32768, 32767], divided by 2^15. Same shape, float32."""
+    return (np.clip(np.rint(samples * np.float32(32768)), -32768, 32767) / np.float32(32768)).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(source_rate: int, target_rate: int) -> torchaudio.transforms.Resample:
     """Building the sinc kernel costs more than applying it; datasets use a handful of rates, so keep them."""
     return torchaudio.transforms.Resample(source_rate, target_rate)
 
 
-def _decode_audio(path: Path) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of ``path`` to planar float32: ((channels, samples) array, sample rate)."""
+def _decode_audio(path: Path) -> tuple[np.ndarray, int, tuple[str, str]]:
+    """Decode the first audio stream of ``path`` to planar float32: ((channels, samples) array, sample rate,
+    (container format, codec) names as FFmpeg reports them)."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise NoAudioStreamError(f"no audio stream in {path}; use silent_clips() for such a clip")
-            chunks, rate = _decode_stream(container, container.streams.audio[0])
+            stream = container.streams.audio[0]
+            source = (container.format.name, stream.codec_context.name)
+            chunks, rate = _decode_stream(container, stream)
     except (av.FFmpegError, ValueError) as err:
         # PyAV raises ValueError when a stream changes its layout or rate mid-file (the resampler cannot follow).
         raise MediaDecodeError(f"cannot decode audio of {path}: {err}") from err
     if not chunks:
         raise MediaDecodeError(f"no audio samples could be decoded from {path}")
-    return np.concatenate(chunks, axis=1), rate
+    return np.concatenate(chunks, axis=1), rate, source
 
 
 def _decode_stream(container: av.container.InputContainer, stream: av.AudioStream) -> tuple[list[np.ndarray], int]:
@@ -171,12 +209,14 @@ def load_audio_clips(
     mel_bins: int,
     training: bool,
     generator: torch.Generator | None = None,
+    preprocessing: str = DEFAULT_PRESET,
 ) -> torch.Tensor:
     """Decode ``path`` and return BEATs input clips (num_clips, target_length, mel_bins), normalised fbank.
 
-    Raises the :class:`MediaError` subclasses of :func:`load_waveform`.
+    ``preprocessing``: the preset (see :func:`load_waveform`). Raises the :class:`MediaError` subclasses of
+    :func:`load_waveform`.
     """
-    fbank = waveform_to_fbank(load_waveform(path), mel_bins)  # (frames, mel_bins)
+    fbank = waveform_to_fbank(load_waveform(path, preprocessing=preprocessing), mel_bins)  # (frames, mel_bins)
     return select_clips(fbank, num_clips, target_length, training, generator)
 
 

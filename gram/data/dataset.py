@@ -72,7 +72,9 @@ class ItemBuilder:
     def __init__(self, data: DataConfig, modalities: Sequence[str], training: bool):
         self.data, self.modalities, self.training = data, tuple(modalities), training
         self.num_frames = data.num_frames if training else data.test_num_frames
-        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+        # The preset (data.preprocessing) also picks the colour matrix (through the transform) and the audio format.
+        self.transform = VideoTransform(data.image_size, mode=data.transform, training=training,
+                                        preprocessing=data.preprocessing)
 
     def __call__(self, record: AnnotationRecord, media: MediaSource,
                  generator: torch.Generator) -> dict[str, Any]:
@@ -119,7 +121,7 @@ class ItemBuilder:
                 if path is None:
                     raise NoAudioStreamError(f"{record.video_id}: no audio file and no video")
                 clips = load_audio_clips(path, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
-                                         training=self.training, generator=generator)
+                                         training=self.training, generator=generator, preprocessing=d.preprocessing)
             return {"audio": clips, "audio_mask": True}
         except NoAudioStreamError:
             return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),

@@ -46,6 +46,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from gram.data.audio import MediaDecodeError, MediaNotFoundError
+from gram.data.preprocessing import DEFAULT_PRESET, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def sample_frame_indices(
 
 
 def decode_frames(
-    path: PathType, indices: IndexSpec, backend: str = "pyav", threads: int | None = None
+    path: PathType, indices: IndexSpec, backend: str = "pyav", threads: int | None = None, bt601: bool = False
 ) -> torch.Tensor:
     """Decode the frames at ``indices`` (presentation order, 0-based) of the video at ``path``.
 
@@ -97,6 +98,9 @@ def decode_frames(
     positions, so the file is opened once. A ``.npy`` file is read as precomputed frames
     ((n, H, W, 3) or (n, H, W) uint8, e.g. depth maps) whatever the backend. ``threads`` > 1 lets PyAV
     decode frames behind different keyframes in parallel; None picks :func:`default_decode_threads`.
+    ``bt601`` converts YUV to RGB with the BT.601 matrix whatever the stream's colour tag, and the range its pixel
+    format implies (limited unless ``yuvj*``), as OpenCV 4.x does (the ``reference`` preset); otherwise the
+    stream's tagged matrix and range are used. It applies to the PyAV backend; OpenCV 4.x always does BT.601.
 
     Returns a uint8 tensor (len(indices), H, W, 3), RGB. Raises :class:`MediaNotFoundError` for a missing
     file and :class:`MediaDecodeError` (naming the file) when it has no video or cannot be decoded.
@@ -110,7 +114,7 @@ def decode_frames(
         raise ValueError(f"unknown video backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "pyav":
         return torch.from_numpy(
-            _decode_pyav(path, indices, default_decode_threads() if threads is None else threads)
+            _decode_pyav(path, indices, default_decode_threads() if threads is None else threads, bt601)
         )
     readers = {"decord": _decode_decord, "opencv": _decode_opencv_seek}
     return torch.from_numpy(readers[backend](path, indices))
@@ -124,14 +128,18 @@ def load_video_frames(
     generator: torch.Generator | None = None,
     backend: str = "pyav",
     threads: int | None = None,
+    bt601: bool | None = None,
 ) -> torch.Tensor:
     """Sample, decode and transform ``num_frames`` frames of a video.
 
     Returns (num_frames, 3, s, s) float32 normalised by ``transform``, or the raw (num_frames, 3, H, W)
     uint8 frames when ``transform`` is None. The same ``generator`` drives frame jitter and the crop.
+    The colour matrix is the transform's preset's (see :func:`decode_frames`) unless ``bt601`` says.
     """
+    if bt601 is None:
+        bt601 = transform is not None and transform.preset.bt601
     frames = decode_frames(  # (n, H, W, 3) uint8
-        path, lambda total: sample_frame_indices(total, num_frames, training, generator), backend, threads
+        path, lambda total: sample_frame_indices(total, num_frames, training, generator), backend, threads, bt601
     )
     clip = frames.permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
     return clip if transform is None else transform(clip, generator)
@@ -144,7 +152,11 @@ class VideoTransform:
     random-resized crop (area 80-100 %) and a random horizontal flip, and tests with a resize of the short
     side to s and a centre crop. One crop and one flip are drawn per clip and applied to all its frames.
     Random draws come from the ``generator`` passed to the call (or the global torch RNG when None).
-    ``antialias`` smooths downscaling; the reference resized tensors without it (torchvision 0.15).
+
+    ``preprocessing`` (a preset of :mod:`gram.data.preprocessing`): ``"reference"`` divides by 255 first and
+    resizes the float frames bilinearly without antialiasing, as the reference's torchvision 0.15 did
+    (``Resize((s, s))``, ``Resize(s)`` + ``CenterCrop(s)``, ``RandomResizedCrop``); ``"accurate"`` resizes
+    the uint8 frames with antialiasing, then divides.
     """
 
     def __init__(
@@ -154,7 +166,7 @@ class VideoTransform:
         training: bool = False,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
-        antialias: bool = True,
+        preprocessing: str = DEFAULT_PRESET,
         scale: tuple[float, float] = (0.8, 1.0),
     ):
         if mode not in ("none", "crop_flip"):
@@ -162,7 +174,9 @@ class VideoTransform:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.image_size, self.mode, self.training = image_size, mode, training
-        self.mean, self.std, self.antialias, self.scale = list(mean), list(std), antialias, scale
+        self.preset = get_preset(preprocessing, "preprocessing")
+        self.mean, self.std, self.scale = list(mean), list(std), scale
+        self.antialias = not self.preset.float_resize
 
     def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, 3, H, W) uint8 -> (n, 3, s, s) float32 normalised."""
@@ -170,8 +184,10 @@ class VideoTransform:
             raise ValueError(
                 f"expected a uint8 clip of shape (n, 3, H, W), got {clip.dtype} {tuple(clip.shape)}"
             )
-        resized = self._geometry(clip, generator)
-        scaled = TF.to_dtype(resized, torch.float32, scale=True)  # [0, 255] -> [0, 1]
+        if self.preset.float_resize:  # the reference: [0, 1] floats first, then resized
+            scaled = self._geometry(clip.to(torch.float32) / 255, generator)
+        else:
+            scaled = TF.to_dtype(self._geometry(clip, generator), torch.float32, scale=True)  # [0, 255] -> [0, 1]
         return TF.normalize(scaled, self.mean, self.std)
 
     def _geometry(self, clip: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -264,7 +280,7 @@ class _IndexMismatch(Exception):
     """A derived index does not match the decoded timestamps; the exact packet index is needed."""
 
 
-def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1) -> np.ndarray:
+def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1, bt601: bool = False) -> np.ndarray:
     """PyAV backend: (len(indices), H, W, 3) uint8 (see the module docstring for the strategy)."""
     for exact in (False, True):
         try:
@@ -274,13 +290,13 @@ def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1) -> np.ndarray
                 stream = container.streams.video[0]
                 index = _packet_index(container, stream) if exact else _container_index(container, stream)
                 if index is None and exact:  # no usable timestamps: count by decoding, in order
-                    return _decode_sequential(path, indices)
+                    return _decode_sequential(path, indices, bt601)
                 if index is None:
                     continue
                 wanted = _resolve_indices(indices, len(index.pts), path)
                 order = [index.pts[i] for i in wanted]
                 runs = _split_by_keyframe(index, sorted(set(order)), threads)
-                return _gather(path, _read_runs(path, container, stream, index, runs, threads), order)
+                return _gather(path, _read_runs(path, container, stream, index, runs, threads, bt601), order)
         except _IndexMismatch:
             continue
         except av.FFmpegError as err:
@@ -324,6 +340,7 @@ def _read_runs(
     index: _PacketIndex,
     runs: list[list[int]],
     threads: int,
+    bt601: bool = False,
 ) -> dict[int, np.ndarray]:
     """{pts: frame} for every run of targets: the first on the open stream, the others in threads.
 
@@ -334,7 +351,7 @@ def _read_runs(
 
     def reader(source: av.container.InputContainer, video: av.VideoStream) -> _FrameReader:
         video.codec_context.thread_count = per_decoder
-        return _FrameReader(source, video, index)
+        return _FrameReader(source, video, index, bt601)
 
     def read_run(targets: list[int]) -> dict[int, np.ndarray]:
         with av.open(str(path)) as own:
@@ -401,8 +418,9 @@ def _packet_index(container: av.container.InputContainer, stream: av.VideoStream
 class _FrameReader:
     """Decodes chosen frames of one opened stream, seeking only when a keyframe lies ahead of the target."""
 
-    def __init__(self, container: av.container.InputContainer, stream: av.VideoStream, index: _PacketIndex):
-        self.container, self.stream, self.index = container, stream, index
+    def __init__(self, container: av.container.InputContainer, stream: av.VideoStream, index: _PacketIndex,
+                 bt601: bool = False):
+        self.container, self.stream, self.index, self.bt601 = container, stream, index, bt601
         self.known = set(index.pts) if index.derived else None
         # Frames nothing predicts from can be skipped without changing any other frame.
         self.skip_nonref = stream.codec_context.name in SKIP_SAFE_CODECS
@@ -474,7 +492,7 @@ class _FrameReader:
                     raise _IndexMismatch
                 last = frame.pts if frame.pts is not None else last
                 if frame.pts in self.wanted and frame.pts not in self.frames:
-                    self.frames[frame.pts] = _to_rgb(frame)
+                    self.frames[frame.pts] = _to_rgb(frame, self.bt601)
             if self.packets is None or target in self.frames or (last is not None and last > target):
                 return
         codec.skip_frame = "DEFAULT"
@@ -494,9 +512,17 @@ class _FrameReader:
         return frames + self.stream.codec_context.decode(None)
 
 
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, turned upright when the stream says how to display it (phone videos)."""
-    rgb = frame.to_ndarray(format="rgb24")
+def _to_rgb(frame: av.VideoFrame, bt601: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, turned upright when the stream says how to display it (phone videos).
+
+    ``bt601``: the BT.601 matrix and the range the pixel format implies, whatever the frame's tags (what
+    swscale did before it read frame tags, hence OpenCV 4.x); else the frame's own colourspace and range.
+    """
+    if bt601:
+        colour_range = "JPEG" if frame.format.name.startswith("yuvj") else "MPEG"
+        rgb = frame.to_ndarray(format="rgb24", src_colorspace="ITU601", src_color_range=colour_range)
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
     quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as players apply it
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
@@ -517,7 +543,7 @@ def _gather(path: Path, frames: dict[int, np.ndarray], order: list[int]) -> np.n
     return np.stack(picked)  # (n, H, W, 3)
 
 
-def _decode_sequential(path: Path, indices: IndexSpec) -> np.ndarray:
+def _decode_sequential(path: Path, indices: IndexSpec, bt601: bool = False) -> np.ndarray:
     """Fallback without timestamps: count frames by decoding, then decode again up to the last one needed."""
     with av.open(str(path)) as container:
         total = sum(1 for _ in container.decode(video=0))
@@ -526,7 +552,7 @@ def _decode_sequential(path: Path, indices: IndexSpec) -> np.ndarray:
     with av.open(str(path)) as container:
         for position, frame in enumerate(container.decode(video=0)):
             if position in needed:
-                frames[position] = _to_rgb(frame)
+                frames[position] = _to_rgb(frame, bt601)
             if position >= max(needed):
                 break
     return _gather(path, frames, wanted)
