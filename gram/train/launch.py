@@ -41,3 +41,10 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_initialized():
         torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MIN)
     return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (in place); identity in a single process."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+    return x
