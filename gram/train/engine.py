@@ -8,6 +8,7 @@ Both expose the same small interface to the trainer: `forward_backward` per micr
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ class TorchEngine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
