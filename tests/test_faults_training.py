@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gram.checkpoint_format import list_checkpoints
-from gram.cli import UserError
+from gram.cli import UserError, run_with_clear_errors
 from gram.main import run, to_dataclass
 from gram.train.trainer import NonFiniteLossError, TooManyFailedSamplesError, Trainer
 from tests.conftest import ROOT, compose_config, sample_overrides
@@ -84,13 +84,13 @@ def test_nan_wav_clip_is_skipped_named_and_the_run_keeps_its_checkpoint(sample_r
     bad = tmp_path / "data" / "audios" / "clip00003.wav"
     write_float_wav(bad, wave)
     out = tmp_path / "out"
-    run(compose_config(*sample_overrides(sample_root, *FAST, *split, "trainer.max_steps=2", "data.test=null",
+    run(compose_config(*sample_overrides(sample_root, *FAST, *split, "trainer.max_steps=1", "data.test=null",
                                          "data.max_failed_fraction=0.5"), output_dir=out))
-    assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000001"]
     named = [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()]
     assert len(named) == 1 and "NaN or infinite" in named[0]  # logged once, with its path
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [1, 2]
+    assert [h["step"] for h in history] == [1]
     assert all(np.isfinite(h["loss"]) and h["batch"] == 7 and h["skipped_steps"] == 0 for h in history)
 
 
@@ -98,8 +98,8 @@ def test_diverging_learning_rate_skips_steps_then_stops_after_saving(sample_root
     out = tmp_path / "out"
     split = derived_split(sample_root, tmp_path / "data", "train", 8)
     cfg = compose_config(*sample_overrides(sample_root, *FAST, *split, "trainer.max_steps=6", "data.test=null",
-                                           "trainer.lr=1e6", "trainer.vision_lr=1e6", "trainer.warmup_ratio=0",
-                                           "trainer.max_bad_steps=2"), output_dir=out)
+                                           "data.batch_size=4", "trainer.lr=1e6", "trainer.vision_lr=1e6",
+                                           "trainer.warmup_ratio=0", "trainer.max_bad_steps=2"), output_dir=out)
     with pytest.raises(NonFiniteLossError) as raised:
         run(cfg)
     assert isinstance(raised.value, UserError)  # run.py prints it as one line, exit status 2
@@ -158,9 +158,15 @@ def test_missing_media_within_the_limit_is_counted_not_fatal(sample_root, tmp_pa
     assert dataset.missing_fraction == pytest.approx(2 / 80)
 
 
-def test_numeric_config_error_is_one_line_with_exit_status_2(tmp_path):
-    proc = run_cli("trainer.lr=-1", f"output_dir={tmp_path}")
-    assert_one_line_user_error(proc, "trainer.lr", "got -1.0", "> 0")
+def test_numeric_config_error_is_one_line_with_exit_status_2(capsys, monkeypatch):
+    monkeypatch.delenv("GRAM_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exited:  # what run.py does with the error
+        run_with_clear_errors(lambda: to_dataclass(compose_config("trainer.lr=-1")))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: config key `trainer.lr`: got -1.0, must be > 0.0")
 
 
 # ------------------------------------------------------------------------------------------------ trainer mechanics
@@ -288,3 +294,26 @@ def test_failures_are_counted_across_ranks_and_stop_every_rank_together(tmp_path
                        start_method="fork")
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000007"]
+
+
+def test_each_evaluation_follows_its_save_and_marks_the_best_checkpoint(tmp_path):
+    values = iter([5.0, 10.0])
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"t2v_r1": next(values), "n_videos": 3}
+
+    cfg = to_dataclass(compose_config("trainer.device=cpu", "logger.wandb.mode=disabled", "logger.progress_bar=false",
+                                      "trainer.max_steps=4", "trainer.eval_every=2", "trainer.keep_last=1"))
+    trainer = Trainer(cfg, ToyTask(), ToyStream(toy_batch, 8), torch.device("cpu"), {}, str(tmp_path),
+                      evaluate=evaluate)
+    assert trainer.fit()["t2v_r1"] == 10.0
+    assert len(calls) == 2  # the evaluation at step 4 is not repeated as the final one
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]  # best when saved
+    assert (root / "best").resolve().name == "step_00000004"
+    assert json.loads((root / "step_00000004" / "eval.json").read_text()) == {"step": 4, "t2v_r1": 10.0, "n_videos": 3}
+    resumed = Trainer(cfg, ToyTask(), ToyStream(toy_batch, 8), torch.device("cpu"), {}, str(tmp_path))
+    resumed.resume()
+    assert resumed.step == 4 and resumed.best == 10.0  # step 4's own evaluation, made after it was saved

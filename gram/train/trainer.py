@@ -96,6 +96,7 @@ class Trainer:
         # Items the dataset left out for lack of a media file count with the clips that fail to load.
         self.missing_fraction = getattr(getattr(stream, "dataset", None), "missing_fraction", 0.0)
         self._saved_step = -1
+        self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -250,7 +251,10 @@ class Trainer:
             folder = self.save() if self._saved_step != self.step else ckpt.step_folder(self.output_dir, self.step)
         if not evaluate:
             return None
+        if self._evaluated is not None and self._evaluated[0] == self.step:  # eval_every already reached max_steps
+            return self._evaluated[1]
         result = self.evaluate()
+        self._evaluated = (self.step, result)
         if dist.is_main_process() and folder is not None and folder.is_dir():
             numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             (folder / EVAL_RESULTS).write_text(json.dumps({"step": self.step, **numbers}, indent=2))
