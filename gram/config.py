@@ -47,7 +47,8 @@ def check_range(key: str, value: float | None, low: float | None = None, high: f
     ok = isinstance(value, (int, float)) and math.isfinite(value)
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
-    _require(ok, key, f"got {value}, must be {allowed}" + (" or null" if optional else ""))
+    finite = "" if isinstance(value, (int, float)) and math.isfinite(value) else "a finite number "
+    _require(ok, key, f"got {value}, must be {finite}{allowed}" + (" or null" if optional else ""))
 
 
 @dataclass

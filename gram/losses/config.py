@@ -75,4 +75,5 @@ def _check(key: str, value: float, ok: bool, allowed: str) -> None:
     """ValueError naming the key `loss.<key>`, the value and the allowed range unless `ok` and the value is finite
     (a NaN fails every comparison, an infinite temperature or weight makes no loss)."""
     if not (ok and math.isfinite(value)):
-        raise ValueError(f"config key `loss.{key}`: got {value}, must be {allowed}")
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise ValueError(f"config key `loss.{key}`: got {value}, must be {finite}{allowed}")
