@@ -317,3 +317,10 @@ def test_each_evaluation_follows_its_save_and_marks_the_best_checkpoint(tmp_path
     resumed = Trainer(cfg, ToyTask(), ToyStream(toy_batch, 8), torch.device("cpu"), {}, str(tmp_path))
     resumed.resume()
     assert resumed.step == 4 and resumed.best == 10.0  # step 4's own evaluation, made after it was saved
+
+
+def test_a_stream_where_every_clip_fails_stops_instead_of_looping(tmp_path):
+    trainer = toy_trainer(tmp_path, ToyStream(lambda step: toy_batch(step, failed=8), 8), "trainer.max_steps=5")
+    with pytest.raises(TooManyFailedSamplesError, match=r"^step 0: 104 of 104 training samples failed to load"):
+        trainer.fit()
+    assert not list_checkpoints(tmp_path)  # no step was trained: nothing to keep
