@@ -7,6 +7,7 @@ runs each `__post_init__` validation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,25 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     _require(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+def check_range(key: str, value: float | None, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """ValueError naming `key`, the value and the allowed range unless low <= value <= high (strict where open) and
+    finite; None passes only when `optional`. Shared by every config dataclass's `__post_init__`."""
+    lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    upper = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    allowed = " and ".join(part for part in (lower, upper) if part) or "finite"
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if value is None:
+        _require(optional, key, f"got null, must be {allowed}")
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    finite = "" if isinstance(value, (int, float)) and math.isfinite(value) else "a finite number "
+    _require(ok, key, f"got {value}, must be {finite}{allowed}" + (" or null" if optional else ""))
 
 
 @dataclass
@@ -56,6 +76,11 @@ class DatasetConfig:
     # Size of the standard split (e.g. 1000 for MSRVTT 1k-A); the evaluation reports it beside what was evaluated.
     canonical_size: int | None = None
 
+    def __post_init__(self) -> None:
+        check_range("data.*.canonical_size", self.canonical_size, 1, optional=True)
+        for key in ("video_extensions", "audio_extensions", "depth_extensions"):
+            _require(len(getattr(self, key)) > 0, f"data.*.{key}", "needs at least one file extension")
+
 
 @dataclass
 class ShardsConfig:
@@ -75,6 +100,8 @@ class ShardsConfig:
     samples_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
+        check_range("data.shards.samples_per_epoch", self.samples_per_epoch, 1, optional=True)
+        check_range("data.shards.shuffle_buffer", self.shuffle_buffer, 0)
         if not self.sources:
             raise ValueError("data.shards.sources is empty: list index.json files written by scripts/make_shards.py")
         if self.weights and len(self.weights) != len(self.sources):
@@ -126,9 +153,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of(self.transform, ("none", "crop_flip"), "data.transform")
         _one_of(self.preprocessing, tuple(PRESETS), "data.preprocessing")
-        for key in ("num_frames", "test_num_frames", "image_size", "num_audio_clips", "batch_size", "test_batch_size"):
-            _require(getattr(self, key) > 0, f"data.{key}", "must be positive")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for key in ("sample_train_size", "sample_test_size", "num_frames", "test_num_frames", "image_size",
+                    "num_audio_clips", "audio_target_length", "audio_mel_bins", "max_text_len", "max_subtitle_len",
+                    "batch_size", "test_batch_size"):
+            check_range(f"data.{key}", getattr(self, key), 1)
+        check_range("data.num_workers", self.num_workers, 0)
+        check_range("data.max_failed_fraction", self.max_failed_fraction, 0.0, 1.0)
 
 
 @dataclass
@@ -159,7 +189,8 @@ class ModelConfig:
         for m in self.modalities:
             _one_of(m, DATA_MODALITIES, "model.modalities")
         _require(len(set(self.modalities)) == len(self.modalities), "model.modalities", "duplicates")
-        _require(self.embed_dim > 0, "model.embed_dim", "must be positive")
+        for key in ("embed_dim", "max_frames", "max_audio_clips"):
+            check_range(f"model.{key}", getattr(self, key), 1)
         _one_of(self.text_pooling, ("cls", "mean"), "model.text_pooling")
         _one_of(self.vision_pooling, ("cls", "mean"), "model.vision_pooling")
 
@@ -187,7 +218,7 @@ class TrainerConfig:
     keep_last: int = 2
     best_metric: str = "t2v_r1"
     resume: bool = False
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
     zero_stage: int = 2
     detect_anomaly: bool = False
     # Bitwise run-to-run reproducibility guaranteed: one intra-op CPU thread and PyTorch's deterministic
@@ -199,10 +230,23 @@ class TrainerConfig:
         _one_of(self.backend, ("ddp", "deepspeed"), "trainer.backend")
         _one_of(self.precision, ("fp32", "bf16", "fp16"), "trainer.precision")
         _one_of(self.schedule, ("warmup_linear", "warmup_cosine", "constant"), "trainer.schedule")
-        _require(self.max_steps > 0, "trainer.max_steps", "must be positive")
-        _require(self.grad_accum_steps >= 1, "trainer.grad_accum_steps", "must be >= 1")
-        _require(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio", "must be in [0, 1)")
+        check_range("trainer.max_steps", self.max_steps, 1)
+        check_range("trainer.stop_after_steps", self.stop_after_steps, 1, optional=True)
+        check_range("trainer.lr", self.lr, 0.0, low_open=True)
+        check_range("trainer.vision_lr", self.vision_lr, 0.0)  # 0: the vision encoder is not updated
+        check_range("trainer.weight_decay", self.weight_decay, 0.0)
         _require(len(self.betas) == 2, "trainer.betas", "needs two values")
+        for i, beta in enumerate(self.betas):
+            check_range(f"trainer.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_range("trainer.eps", self.eps, 0.0, low_open=True)
+        check_range("trainer.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        check_range("trainer.grad_clip", self.grad_clip, 0.0)  # 0 disables clipping
+        check_range("trainer.grad_accum_steps", self.grad_accum_steps, 1)
+        check_range("trainer.log_every", self.log_every, 1)
+        check_range("trainer.eval_every", self.eval_every, 0)  # 0: at the end only
+        check_range("trainer.save_every", self.save_every, 0)  # 0: at the end only
+        check_range("trainer.keep_last", self.keep_last, 0)  # 0: keep every checkpoint
+        check_range("trainer.max_bad_steps", self.max_bad_steps, 1)
         _require(self.zero_stage in (1, 2), "trainer.zero_stage", "DeepSpeed ZeRO stage 1 or 2")
 
 
@@ -226,7 +270,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _one_of(self.task, ("retrieval", "classification"), "eval.task")
         _one_of(self.caption_protocol, ("first", "all"), "eval.caption_protocol")
-        _require(self.rerank_k >= 0, "eval.rerank_k", "must be >= 0")
+        check_range("eval.rerank_k", self.rerank_k, 0)
+        check_range("eval.chunk_size", self.chunk_size, 1)
 
 
 @dataclass
@@ -275,6 +320,10 @@ class GramConfig:
         for split in (self.data.train, self.data.test):
             _require(split is None or bool(split.annotations), "data.*.annotations",
                      "each split needs an annotation JSON file")
+        if self.mode == "train" and self.data.test is not None:  # checked now, not after hours of training
+            from gram.eval.metrics import best_metric_names
+
+            _one_of(self.trainer.best_metric, best_metric_names(self.eval.task), "trainer.best_metric")
 
 
 def typed_section(schema: type, section: dict[str, Any] | None, source: str) -> Any:

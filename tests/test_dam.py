@@ -68,6 +68,24 @@ def test_samples_follow_the_softmax_distribution(
             assert chisquare(observed, uniform).pvalue < 1e-6
 
 
+def test_non_finite_rows_draw_valid_negatives_and_leave_other_rows_alone() -> None:
+    # A NaN clip or a diverged step gives NaN/inf logits; the inverse-CDF search used to index past the end.
+    clean = torch.randn(6, 70, generator=torch.Generator().manual_seed(0))
+    broken = clean.clone()
+    broken[1, 5] = float("nan")
+    broken[2, 40] = float("inf")
+    broken[3] = float("-inf")
+    broken[4] = float("nan")
+    offset = 64  # positives at columns 64..69, in the last (partial) block of 32
+    for _ in range(50):
+        seed = int(torch.randint(1 << 30, (1,)))
+        drawn, _ = sample_hard_negatives(broken, broken, offset, torch.Generator().manual_seed(seed))
+        reference, _ = sample_hard_negatives(clean, clean, offset, torch.Generator().manual_seed(seed))
+        assert ((drawn >= 0) & (drawn < 70)).all()
+        assert (drawn != torch.arange(6) + offset).all()  # never the positive
+        assert drawn[[0, 5]].tolist() == reference[[0, 5]].tolist()  # finite rows: the same draw as before
+
+
 def test_sampling_weights_match_reference_formula() -> None:
     logits = torch.randn(4, 10)
     probs = negative_sampling_probs(logits, offset=6)

@@ -85,5 +85,6 @@ def test_non_finite_loss_skips_the_update_and_stops_after_the_limit(tmp_path, ca
     assert trainer.bad_steps == 0
     trainer.train_step()
     trainer.train_step()
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    with pytest.raises(NonFiniteLossError, match="at step 6;"):  # the sixth step, as the log and metrics number it
         trainer.train_step()
+    assert trainer.skipped_steps == 4 and trainer.step == 6

@@ -25,19 +25,44 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from gram.cli import UserError
 from gram.config import DataConfig, DatasetConfig
 from gram.data.annotations import AnnotationRecord, read_annotations, resolve_media
-from gram.data.audio import MediaError, MediaNotFoundError, NoAudioStreamError, load_audio_clips, silent_clips
+from gram.data.audio import (
+    MediaDecodeError,
+    MediaError,
+    MediaNotFoundError,
+    NoAudioStreamError,
+    load_audio_clips,
+    silent_clips,
+)
 from gram.data.video import VideoTransform, load_video_frames
 
 log = logging.getLogger(__name__)
+
+
+class TooManyFailedSamplesError(UserError):
+    """More training items are missing or unusable than `data.max_failed_fraction` allows."""
+
+
+def shown_ids(ids: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` ids, comma-separated, with "..." when there are more (for one-line messages)."""
+    return ", ".join(ids[:limit]) + (" ..." if len(ids) > limit else "")
+
+
+def require_finite(values: torch.Tensor, path: Path, what: str) -> torch.Tensor:
+    """`values` unchanged, or MediaDecodeError naming the file when a NaN or infinite value was decoded (a float
+    WAV or depth array can hold them; one such clip makes a whole training step non-finite)."""
+    if not torch.isfinite(values).all():
+        raise MediaDecodeError(f"{path}: the decoded {what} holds NaN or infinite values")
+    return values
 
 
 class MissingMediaError(FileNotFoundError):
     """Raised when evaluation items have no media file; lists the ids so nothing is dropped silently."""
 
     def __init__(self, split: str, missing: Sequence[str], folder: str | None):
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        shown = shown_ids(missing, 20)
         super().__init__(
             f"{len(missing)} {split} item(s) have no media file in {folder}: {shown}. Evaluation never drops items "
             f"silently: add the files (see data/README.md, scripts/check_dataset.py) or set eval.allow_missing=true "
@@ -105,8 +130,8 @@ class ItemBuilder:
             with media(modality) as path:
                 if path is None:
                     raise MediaNotFoundError(f"{record.video_id}: no {modality} file")
-                return {modality: load_video_frames(path, self.num_frames, self.training, self.transform,
-                                                    generator=generator)}
+                frames = load_video_frames(path, self.num_frames, self.training, self.transform, generator=generator)
+                return {modality: require_finite(frames, path, f"{modality} frames")}
         if modality == "subtitle":
             return {"subtitle": record.subtitle or ""}
         if modality == "audio":
@@ -122,7 +147,7 @@ class ItemBuilder:
                     raise NoAudioStreamError(f"{record.video_id}: no audio file and no video")
                 clips = load_audio_clips(path, d.num_audio_clips, d.audio_target_length, d.audio_mel_bins,
                                          training=self.training, generator=generator, preprocessing=d.preprocessing)
-            return {"audio": clips, "audio_mask": True}
+                return {"audio": require_finite(clips, path, "audio"), "audio_mask": True}
         except NoAudioStreamError:
             return {"audio": silent_clips(d.num_audio_clips, d.audio_target_length, d.audio_mel_bins),
                     "audio_mask": False}
@@ -157,7 +182,8 @@ class VideoTextDataset(Dataset):
                 or ("audio" in m and paths.audio is None and paths.video is None))
 
     def _check_complete(self, allow_missing: bool) -> None:
-        """Training drops (and logs) items without media; evaluation refuses to run on an incomplete split."""
+        """Training drops (and logs) items without media, and counts them with the clips that fail to load towards
+        `data.max_failed_fraction`; evaluation refuses to run on an incomplete split."""
         missing = [i for i, p in enumerate(self.media_paths) if self._is_missing(p)]
         self.missing_ids = [self.records[i].video_id for i in missing]
         if not missing:
@@ -165,11 +191,23 @@ class VideoTextDataset(Dataset):
         ids = self.missing_ids
         if not (self.training or allow_missing):
             raise MissingMediaError(Path(self.split.annotations).name, ids, self.split.video_dir)
+        limit = self.data.max_failed_fraction
+        if self.training and len(ids) > limit * len(self.records):
+            folders = ", ".join(str(f) for f in (self.split.video_dir, self.split.audio_dir, self.split.depth_dir) if f)
+            raise TooManyFailedSamplesError(
+                f"{self.split.annotations}: {len(ids)} of {len(self.records)} training items have no media file in "
+                f"{folders} ({shown_ids(ids)}), more than data.max_failed_fraction={limit}; add the files, fix the "
+                f"split's media folders, or run scripts/check_dataset.py")
         log.warning("%s: %d of %d items have no media file and are left out (first: %s)",
                     self.split.annotations, len(ids), len(self.records), ids[0])
         drop = set(missing)
         self.records = [r for i, r in enumerate(self.records) if i not in drop]
         self.media_paths = [p for i, p in enumerate(self.media_paths) if i not in drop]
+
+    @property
+    def missing_fraction(self) -> float:
+        """Fraction of the annotated items left out for lack of a media file."""
+        return len(self.missing_ids) / max(self.num_annotated, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -29,6 +29,14 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 RECALL_AT = (1, 5, 10)
 
 
+def best_metric_names(task: str) -> tuple[str, ...]:
+    """The results of an evaluation `task` that can choose the best checkpoint (`trainer.best_metric`): those where
+    higher is better (ranks such as medr are not)."""
+    if task == "classification":
+        return ("top1", "top5", "map")
+    return tuple(f"{direction}_r{k}" for direction in ("t2v", "v2t") for k in RECALL_AT)
+
+
 def target_lists(targets: Targets, n_queries: int, n_candidates: int) -> list[list[int]]:
     """Normalise ``targets`` to one non-empty list of candidate indices per query.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gram.losses.similarity import list_similarities
@@ -49,33 +50,30 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.name not in list_similarities():
-            raise ValueError(f"LossConfig.name={self.name!r} is unknown; choose one of {list_similarities()}")
+            raise ValueError(f"config key `loss.name`: got {self.name!r}, expected one of {list_similarities()}")
         if self.temperature_parametrization not in _PARAMETRIZATIONS:
-            raise ValueError(
-                f"LossConfig.temperature_parametrization={self.temperature_parametrization!r}; "
-                f"choose one of {list(_PARAMETRIZATIONS)}"
-            )
-        if not self.temperature_init > 0:
-            raise ValueError(f"LossConfig.temperature_init={self.temperature_init} must be > 0")
+            raise ValueError(f"config key `loss.temperature_parametrization`: got "
+                             f"{self.temperature_parametrization!r}, expected one of {list(_PARAMETRIZATIONS)}")
+        _check("temperature_init", self.temperature_init, 0 < self.temperature_init, "> 0")
         self._check_temperature_range()
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"LossConfig.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.dam_weight < 0:
-            raise ValueError(f"LossConfig.dam_weight={self.dam_weight} must be >= 0 (0 disables DAM)")
-        if self.chunk_size < 0:
-            raise ValueError(f"LossConfig.chunk_size={self.chunk_size} must be >= 0 (0 = no chunking)")
+        _check("label_smoothing", self.label_smoothing, 0.0 <= self.label_smoothing < 1.0, "in [0, 1)")
+        _check("dam_weight", self.dam_weight, self.dam_weight >= 0, ">= 0 (0 disables DAM)")
+        _check("chunk_size", self.chunk_size, self.chunk_size >= 0, ">= 0 (0 = no chunking)")
 
     def _check_temperature_range(self) -> None:
         """The log parametrisation needs 0 < temperature_min <= temperature_init <= temperature_max."""
         if self.temperature_parametrization != "log":
             return
-        if not 0 < self.temperature_min <= self.temperature_max:
-            raise ValueError(
-                f"LossConfig.temperature_min={self.temperature_min} and temperature_max="
-                f"{self.temperature_max} must satisfy 0 < temperature_min <= temperature_max"
-            )
-        if not self.temperature_min <= self.temperature_init <= self.temperature_max:
-            raise ValueError(
-                f"LossConfig.temperature_init={self.temperature_init} must lie in "
-                f"[temperature_min, temperature_max] = [{self.temperature_min}, {self.temperature_max}]"
-            )
+        low, high = self.temperature_min, self.temperature_max
+        _check("temperature_min", low, 0 < low <= high, f"in (0, loss.temperature_max={high}]")
+        _check("temperature_max", high, math.isfinite(high), "finite")
+        _check("temperature_init", self.temperature_init, low <= self.temperature_init <= high,
+               f"in [loss.temperature_min, loss.temperature_max] = [{low}, {high}]")
+
+
+def _check(key: str, value: float, ok: bool, allowed: str) -> None:
+    """ValueError naming the key `loss.<key>`, the value and the allowed range unless `ok` and the value is finite
+    (a NaN fails every comparison, an infinite temperature or weight makes no loss)."""
+    if not (ok and math.isfinite(value)):
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise ValueError(f"config key `loss.{key}`: got {value}, must be {finite}{allowed}")

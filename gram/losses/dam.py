@@ -75,7 +75,9 @@ def _sample_one_per_row(
     sum picks the column, so no full-width cumulative sum is needed. The positive's weight is exactly 0
     and every search returns the first column whose running sum exceeds a target in [0, total), i.e. a
     column with positive weight: the positive (and the zero padding) can never be drawn, whatever the
-    rounding. The matrices are written into one buffer so every step runs once for all of them.
+    rounding. The matrices are written into one buffer so every step runs once for all of them. A row
+    holding a NaN or infinite logit is drawn uniformly (never the positive), so non-finite scores never
+    produce an out-of-range index.
     """
     sizes, total, device = [m.shape[0] for m in logits], logits[0].shape[1], logits[0].device
     batch, blocks = sum(sizes), -(-total // _BLOCK)
@@ -87,7 +89,11 @@ def _sample_one_per_row(
     for part, matrix in zip(weights.split(sizes), logits):
         torch.sub(matrix.float(), matrix.float().amax(dim=1, keepdim=True), out=part)
     weights.exp_()
-    weights.add_(weights.sum(dim=1, keepdim=True) * eps)
+    row_sums = weights.sum(dim=1, keepdim=True)  # (B_all, 1); each weight is <= 1, so only NaN/inf make it non-finite
+    # A row with a non-finite score (a NaN input clip, a diverged step) has no distribution: draw it uniformly so
+    # the indices stay valid; its loss is non-finite anyway and the trainer skips the step.
+    weights.masked_fill_(~torch.isfinite(row_sums), 1.0)
+    weights.add_(row_sums.nan_to_num(nan=0.0, posinf=0.0) * eps)
     weights[rows, positives] = 0.0
     tiles = padded.view(batch, blocks, _BLOCK)  # (B_all, N_pad / 32, 32)
     block_cdf = tiles.sum(-1).cumsum_(dim=1)  # (B_all, blocks)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG", "TRAIN_STATE", "WEIGHTS", "CheckpointNotFoundError", "checkpoint_root", "list_checkpoints",
            "load_weights", "read_config", "resolve_checkpoint", "save_weights", "save_checkpoint", "load_train_state",
-           "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state", "step_folder", "mark_best"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,7 +67,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
     """Collective: every rank writes its RNG state (and `save_extra`'s per-rank files, e.g. DeepSpeed's
     partitioned optimizer); rank 0 writes the rest, then renames the folder into place atomically."""
     root = checkpoint_root(output_dir)
-    final = root / f"step_{step:08d}"
+    final = step_folder(output_dir, step)
     tmp = root / f".tmp_step_{step:08d}"
     if dist.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,6 +88,17 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
         _prune(output_dir, keep_last)
     barrier()
     return final
+
+
+def step_folder(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is saved."""
+    return checkpoint_root(output_dir) / f"step_{step:08d}"
+
+
+def mark_best(output_dir: str | Path, folder: Path) -> None:
+    """Rank 0: point `checkpoints/best` at an already saved checkpoint (evaluated after it was saved)."""
+    if dist.is_main_process():
+        _point_best(checkpoint_root(output_dir), folder)
 
 
 def _point_best(root: Path, target: Path) -> None:

@@ -8,6 +8,7 @@ Both expose the same small interface to the trainer: `forward_backward` per micr
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,17 @@ class TorchEngine:
             self.scaler.scale(losses["loss"] / num_micro).backward()
         return losses
 
+    def grads_finite(self) -> bool:
+        """False when an accumulated gradient holds a NaN or infinite value (a finite loss can still give one).
+        With fp16 the gradient scaler skips such steps itself and lowers its scale, as it should."""
+        if self.scaler.is_enabled():
+            return True
+        grads = [p.grad for p in self.task.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
     def step(self, finite: bool) -> None:
-        """Apply the accumulated gradients (or drop them when the loss was not finite), then advance the lr."""
+        """Apply the accumulated gradients (or drop them when the loss or a gradient was not finite), then advance
+        the lr."""
         if finite:
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -60,7 +70,9 @@ class TorchEngine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
@@ -138,6 +150,9 @@ class DeepSpeedEngine:
         self.model.backward(losses["loss"])
         self.model.step()
         return losses
+
+    def grads_finite(self) -> bool:
+        return True  # DeepSpeed stepped already, inside forward_backward (fp16 overflows are skipped by its scaler)
 
     def step(self, finite: bool) -> None:
         pass  # DeepSpeed stepped at the accumulation boundary; fp16 overflow steps are skipped by its scaler

@@ -36,8 +36,8 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    """Element-wise minimum over ranks (in place); identity in a single process."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (in place); identity in a single process."""
     if torch_dist.is_initialized():
-        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MIN)
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
     return x

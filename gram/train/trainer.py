@@ -19,21 +19,45 @@ import torch
 from torch import nn
 
 from gram import distributed as dist
+from gram.cli import UserError
 from gram.config import GramConfig
+from gram.data.dataset import TooManyFailedSamplesError, shown_ids
 from gram.eval.retrieval import move_to
 from gram.train import checkpoint as ckpt
 from gram.train.engine import build_engine
-from gram.train.launch import all_reduce_min
+from gram.train.launch import all_reduce_sum
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+EVAL_RESULTS = "eval.json"  # in a checkpoint folder: the evaluation of those weights
 
 
-class TooManyFailedSamplesError(RuntimeError):
-    pass
+def _evaluated_metric(folder: Path, name: str) -> float:
+    """The metric recorded in a checkpoint's eval.json (its evaluation), or -inf when there is none."""
+    try:
+        value = json.loads((folder / EVAL_RESULTS).read_text()).get(name)
+    except (OSError, ValueError):
+        return -math.inf
+    return float(value) if isinstance(value, (int, float)) else -math.inf
+
+
+__all__ = ["NonFiniteLossError", "StopRequest", "TooManyFailedSamplesError", "Trainer", "non_finite_ids"]
+
+MEDIA_KEYS = ("video", "audio", "depth")
+
+
+class NonFiniteLossError(UserError):
+    """`trainer.max_bad_steps` steps in a row had a non-finite loss or gradient."""
+
+
+def non_finite_ids(batch: dict[str, Any]) -> list[str]:
+    """Ids of the batch's samples whose media tensors hold a NaN or infinite value."""
+    bad = torch.zeros(len(batch["ids"]), dtype=torch.bool)
+    for key in MEDIA_KEYS:
+        values = batch.get(key)
+        if isinstance(values, torch.Tensor) and values.is_floating_point():
+            bad |= ~torch.isfinite(values).flatten(1).all(dim=1).cpu()
+    return [sample_id for sample_id, flag in zip(batch["ids"], bad.tolist()) if flag]
 
 
 class StopRequest:
@@ -65,14 +89,20 @@ class Trainer:
         self.task, self.stream, self.evaluate_fn = task.to(device), stream, evaluate
         self.config_dict, self.output_dir, self.logger = config_dict, output_dir, logger
         self.engine = build_engine(task, self.tcfg, device, stream.micro_batch)
-        self.step, self.bad_steps, self.best = 0, 0, -math.inf
+        self.step, self.bad_steps, self.skipped_steps, self.best = 0, 0, 0, -math.inf
+        # Global counts (summed over ranks every step), so every rank stops together at the same step.
         self.samples_seen, self.samples_failed, self.failed_paths = 0, 0, set()
+        self._pending_seen, self._pending_failed = 0, 0  # this rank's counts since the last step
+        # Items the dataset left out for lack of a media file count with the clips that fail to load.
+        self.missing_fraction = getattr(getattr(stream, "dataset", None), "missing_fraction", 0.0)
+        self._saved_step = -1
+        self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "engine": self.engine.state_dict(), "data": self.stream.state(), "best": self.best,
                 "samples_seen": self.samples_seen, "samples_failed": self.samples_failed,
-                "world_size": dist.get_world_size()}
+                "skipped_steps": self.skipped_steps, "world_size": dist.get_world_size()}
 
     def resume(self) -> bool:
         found = ckpt.list_checkpoints(self.output_dir)
@@ -86,6 +116,8 @@ class Trainer:
         self.stream.load_state(state["data"])
         self.step, self.best = state["step"], state["best"]
         self.samples_seen, self.samples_failed = state["samples_seen"], state["samples_failed"]
+        self.skipped_steps, self._saved_step = state.get("skipped_steps", 0), self.step
+        self.best = max(self.best, _evaluated_metric(folder, self.tcfg.best_metric))
         if rng is not None and state["world_size"] == dist.get_world_size():
             ckpt.set_rng_state(rng)
         else:
@@ -101,72 +133,104 @@ class Trainer:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in kept))
 
-    def save(self, best: bool = False) -> None:
-        ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
-                             keep_last=self.tcfg.keep_last, best=best, save_extra=self.engine.save_extra)
+    def save(self, best: bool = False) -> Path:
+        folder = ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
+                                      keep_last=self.tcfg.keep_last, best=best, save_extra=self.engine.save_extra)
+        self._saved_step = self.step
+        return folder
 
     # ------------------------------------------------------------------------------------------ steps
     def _micro_batches(self) -> list[dict[str, Any]]:
         batches = []
         while len(batches) < self.tcfg.grad_accum_steps:
             batch = next(self.stream)
-            self._count_failures(batch)
+            self._note_failures(batch)
             if batch["ids"]:
                 batches.append(batch)
         return batches
 
-    def _count_failures(self, batch: dict[str, Any]) -> None:
-        self.samples_seen += len(batch["ids"]) + len(batch["skipped"])
-        self.samples_failed += len(batch["skipped"])
+    def _note_failures(self, batch: dict[str, Any]) -> None:
+        self._pending_seen += len(batch["ids"]) + len(batch["skipped"])
+        self._pending_failed += len(batch["skipped"])
         for path in batch["skipped"]:
             if path not in self.failed_paths:  # each broken file is logged once
                 self.failed_paths.add(path)
                 log.warning("skipping a training sample that failed to load: %s", path)
-        limit = self.cfg.data.max_failed_fraction
-        if self.samples_seen >= 100 and self.samples_failed > limit * self.samples_seen:
-            raise TooManyFailedSamplesError(
-                f"{self.samples_failed} of {self.samples_seen} training samples failed to load (more than "
-                f"data.max_failed_fraction={limit}); run scripts/check_dataset.py on the dataset")
+        # Only a rank that gets nothing usable for a long while stops on its own (it cannot reach the next step).
+        seen, failed = self.samples_seen + self._pending_seen, self.samples_failed + self._pending_failed
+        if not batch["ids"] and seen >= 100 and failed > self.cfg.data.max_failed_fraction * seen:
+            self._fail_on_data(seen, failed, sorted(self.failed_paths))
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only)."""
+        """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only).
+
+        A step whose loss or gradient is not finite on any rank is skipped on every rank and counted; the step
+        numbers in messages are the ones `metrics.jsonl` and the log use (the first step is 1).
+        """
         batches, totals = self._micro_batches(), {}
         for i, batch in enumerate(batches):
             losses = self.engine.forward_backward(move_to(batch, self.device), len(batches), last=i == len(batches) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / len(batches)
-        finite = self._all_finite(totals["loss"])
-        self.engine.step(finite)
-        self._track_bad_steps(finite)
+        finite = bool(torch.isfinite(totals["loss"])) and self.engine.grads_finite()
+        # One all-reduce per step: ranks with a non-finite step, samples seen, samples that failed to load.
+        counts = torch.tensor([int(not finite), self._pending_seen, self._pending_failed], device=self.device)
+        bad_ranks, seen, failed = all_reduce_sum(counts).tolist()
+        self._pending_seen = self._pending_failed = 0
+        self.samples_seen, self.samples_failed = self.samples_seen + seen, self.samples_failed + failed
+        self.engine.step(bad_ranks == 0)
         self.step += 1
-        return {k: float(v) for k, v in totals.items()} | {"lr": self.engine.lr(),
+        self._track_bad_steps(bad_ranks == 0, batches)
+        self._check_failed_fraction()
+        return {k: float(v) for k, v in totals.items()} | {"lr": self.engine.lr(), "skipped_steps": self.skipped_steps,
                                                            "batch": sum(len(b["ids"]) for b in batches)}
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([float(torch.isfinite(loss))], device=self.device)
-        return bool(all_reduce_min(flag).item() > 0)
-
-    def _track_bad_steps(self, finite: bool) -> None:
+    def _track_bad_steps(self, finite: bool, batches: list[dict[str, Any]]) -> None:
         if finite:
             self.bad_steps = 0
             return
         self.bad_steps += 1
-        log.warning("step %d: non-finite loss, the update is skipped (%d in a row)", self.step, self.bad_steps)
+        self.skipped_steps += 1
+        # Collective, but every rank is here: the decision to skip was all-reduced.
+        local = [sample_id for batch in batches for sample_id in non_finite_ids(batch)]
+        culprits = sorted({sample_id for ids in dist.all_gather_object(local) for sample_id in ids})
+        inputs = f"; NaN or infinite values in the input of {shown_ids(culprits)}" if culprits else ""
+        log.warning("step %d: non-finite loss or gradient, the update is skipped (%d in a row, %d in all)%s",
+                    self.step, self.bad_steps, self.skipped_steps, inputs)
         if self.bad_steps >= self.tcfg.max_bad_steps:
-            raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, the last at step {self.step}; "
-                                     f"lower trainer.lr, use trainer.precision=fp32 or bf16, or set trainer.grad_clip")
+            raise NonFiniteLossError(
+                f"{self.bad_steps} steps in a row had a non-finite loss or gradient (trainer.max_bad_steps="
+                f"{self.tcfg.max_bad_steps}), the last at step {self.step}{inputs}; "
+                + ("remove or fix those clips" if culprits else
+                   "lower trainer.lr, set trainer.grad_clip, or use trainer.precision=fp32 or bf16"))
 
-    def maybe_evaluate(self, final: bool) -> dict[str, Any] | None:
-        every = self.tcfg.eval_every
-        if self.evaluate_fn is None or not (final or (every and self.step % every == 0)):
-            return None
+    def _check_failed_fraction(self) -> None:
+        """Items without a media file and clips that failed to load, as a fraction of the data, against the limit
+        (from 100 samples on; the counts are global, so every rank decides alike)."""
+        if self.samples_seen < 100:
+            return
+        fraction = self.missing_fraction + (1 - self.missing_fraction) * self.samples_failed / self.samples_seen
+        if fraction > self.cfg.data.max_failed_fraction:
+            paths = dist.all_gather_object(sorted(self.failed_paths)[:3])  # collective: every rank is here
+            self._fail_on_data(self.samples_seen, self.samples_failed, sorted({p for ps in paths for p in ps}))
+
+    def _fail_on_data(self, seen: int, failed: int, paths: list[str]) -> None:
+        missing = (f" and {self.missing_fraction:.1%} of the annotated items have no media file"
+                   if self.missing_fraction else "")
+        raise TooManyFailedSamplesError(
+            f"step {self.step}: {failed} of {seen} training samples failed to load{missing}, more than "
+            f"data.max_failed_fraction={self.cfg.data.max_failed_fraction} (first: {' | '.join(paths[:3])}); "
+            f"run scripts/check_dataset.py on the dataset")
+
+    def evaluate(self) -> dict[str, Any]:
+        """Run the evaluation and log it; `result["_improved"]` says whether `trainer.best_metric` improved."""
         result = self.evaluate_fn()
         log.info("eval at step %d: %s", self.step, " ".join(
             f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
         metric = result.get(self.tcfg.best_metric)
-        if metric is None:
-            raise KeyError(f"trainer.best_metric={self.tcfg.best_metric!r} is not an evaluation result; "
-                           f"choose one of {sorted(k for k, v in result.items() if isinstance(v, (int, float)))}")
+        if not isinstance(metric, (int, float)):
+            raise ValueError(f"trainer.best_metric={self.tcfg.best_metric!r} is not an evaluation result; "
+                             f"choose one of {sorted(k for k, v in result.items() if isinstance(v, (int, float)))}")
         improved = metric > self.best
         if improved:
             self.best = metric
@@ -175,19 +239,49 @@ class Trainer:
         result["_improved"] = improved
         return result
 
+    def checkpoint_and_evaluate(self, final: bool) -> dict[str, Any] | None:
+        """Save when due (always when `final`), then evaluate when due: the weights are on disk before an evaluation
+        that might fail. The evaluated checkpoint gets the numbers (`eval.json`) and, when they are the best so far
+        by `trainer.best_metric`, the `best` pointer."""
+        every = self.tcfg.eval_every
+        evaluate = self.evaluate_fn is not None and (final or bool(every and self.step % every == 0))
+        due = final or evaluate or bool(self.tcfg.save_every and self.step % self.tcfg.save_every == 0)
+        folder = None
+        if due:
+            folder = self.save() if self._saved_step != self.step else ckpt.step_folder(self.output_dir, self.step)
+        if not evaluate:
+            return None
+        if self._evaluated is not None and self._evaluated[0] == self.step:  # eval_every already reached max_steps
+            return self._evaluated[1]
+        result = self.evaluate()
+        self._evaluated = (self.step, result)
+        if dist.is_main_process() and folder is not None and folder.is_dir():
+            numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            (folder / EVAL_RESULTS).write_text(json.dumps({"step": self.step, **numbers}, indent=2))
+            if result["_improved"]:
+                ckpt.mark_best(self.output_dir, folder)
+        return result
+
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any] | None:
-        """Train to `max_steps` (or `stop_after_steps`, or a stop signal), evaluating and saving as configured."""
+        """Train to `max_steps` (or `stop_after_steps`, or a stop signal), evaluating and saving as configured.
+
+        A run stopped by too many failed samples or non-finite steps saves its last good weights first."""
         from tqdm.auto import tqdm
 
         stop_at = min(self.tcfg.max_steps, self.tcfg.stop_after_steps or self.tcfg.max_steps)
         bar = tqdm(total=stop_at, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.cfg.logger.progress_bar and dist.is_main_process()))
         self.task.train()
-        result, last_time = None, time.perf_counter()
+        last_time = time.perf_counter()
         with StopRequest() as stop:
             while self.step < stop_at and not stop.requested:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except (NonFiniteLossError, TooManyFailedSamplesError) as error:
+                    bar.close()
+                    self._save_before_stopping(error)
+                    raise
                 now = time.perf_counter()
                 metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
                 last_time = now
@@ -195,14 +289,22 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                 sps=f"{metrics['samples_per_s']:.0f}")
                 self._log(metrics)
-                result = self.maybe_evaluate(final=False)
-                if result is not None or (self.tcfg.save_every and self.step % self.tcfg.save_every == 0):
-                    self.save(best=bool(result and result["_improved"]))
+                self.checkpoint_and_evaluate(final=False)
         bar.close()
-        finished = self.step >= self.tcfg.max_steps
-        result = self.maybe_evaluate(final=True) if finished else None
-        self.save(best=bool(result and result["_improved"]))
-        return result
+        if self.skipped_steps:
+            log.warning("%d step(s) were skipped for a non-finite loss or gradient", self.skipped_steps)
+        if self.step >= self.tcfg.max_steps:
+            return self.checkpoint_and_evaluate(final=True)
+        if self._saved_step != self.step:  # stopped early: save, evaluate later
+            self.save()
+        return None
+
+    def _save_before_stopping(self, error: Exception) -> None:
+        """Keep the work, and say where: the weights are the last good step's (a skipped update is never
+        applied)."""
+        if self.step > 0 and self._saved_step != self.step:
+            folder = self.save()
+            error.args = (f"{error.args[0]}; the work so far (the last finite weights) is saved in {folder}",)
 
     def _log(self, metrics: dict[str, float]) -> None:
         """Every step's losses go to `<output_dir>/metrics.jsonl` (rank 0); every `log_every`-th to the log."""
