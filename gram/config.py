@@ -117,12 +117,16 @@ class DataConfig:
     num_workers: int = 2
     # Training skips a missing/undecodable clip (logged once, counted); above this fraction the run stops.
     max_failed_fraction: float = 0.05
+    # Video decoder: "pyav" (default, no system libraries), "decord" (pip install gram[decord]) or "torchcodec"
+    # (gram[torchcodec] + the system FFmpeg libraries). Same frames and pixels; bench/data.py compares their speed.
+    video_backend: str = "pyav"
 
     def __post_init__(self) -> None:
         _one_of(self.transform, ("none", "crop_flip"), "data.transform")
         for key in ("num_frames", "test_num_frames", "image_size", "num_audio_clips", "batch_size", "test_batch_size"):
             _require(getattr(self, key) > 0, f"data.{key}", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _one_of(self.video_backend, ("pyav", "decord", "torchcodec"), "data.video_backend")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from gram.config import DataConfig, DatasetConfig
 from gram.data.annotations import AnnotationRecord, read_annotations, resolve_media
 from gram.data.audio import MediaError, MediaNotFoundError, NoAudioStreamError, load_audio_clips, silent_clips
 from gram.data.video import VideoTransform, load_video_frames
+from gram.data.video_backends import require_backend
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class ItemBuilder:
         self.data, self.modalities, self.training = data, tuple(modalities), training
         self.num_frames = data.num_frames if training else data.test_num_frames
         self.transform = VideoTransform(data.image_size, mode=data.transform, training=training)
+        if {"video", "depth"} & set(self.modalities):
+            require_backend(data.video_backend)  # one clear line at start, not a failed clip per worker
 
     def __call__(self, record: AnnotationRecord, media: MediaSource,
                  generator: torch.Generator) -> dict[str, Any]:
@@ -104,7 +107,7 @@ class ItemBuilder:
                 if path is None:
                     raise MediaNotFoundError(f"{record.video_id}: no {modality} file")
                 return {modality: load_video_frames(path, self.num_frames, self.training, self.transform,
-                                                    generator=generator)}
+                                                    generator=generator, backend=self.data.video_backend)}
         if modality == "subtitle":
             return {"subtitle": record.subtitle or ""}
         if modality == "audio":
