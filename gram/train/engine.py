@@ -51,14 +51,36 @@ class TorchEngine:
             self.scaler.scale(losses["loss"] / num_micro).backward()
         return losses
 
-    def step(self, finite: bool) -> None:
-        """Apply the accumulated gradients (or drop them when the loss was not finite), then advance the lr."""
+    def step(self, finite: bool | torch.Tensor) -> None:
+        """Apply the accumulated gradients (or drop them when the loss was not finite), then advance the lr.
+
+        ``finite`` may be a boolean tensor on the device: with the fused AdamW (CUDA) and no fp16 scaler the skip
+        then happens on the device (the optimizer's ``found_inf``), so the step never waits for the GPU.
+        """
+        if isinstance(finite, torch.Tensor) and self._skips_on_device():
+            self._step_on_device(finite)
+            return
         if finite:
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _skips_on_device(self) -> bool:
+        return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+
+    def _step_on_device(self, finite: torch.Tensor) -> None:
+        """The fused kernels leave parameters, moments and step counts untouched where ``found_inf`` is 1."""
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip)  # asynchronous
+        self.optimizer.found_inf = (~finite.detach().bool()).float().reshape(())
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
