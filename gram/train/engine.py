@@ -156,7 +156,10 @@ class DeepSpeedEngine:
     def forward_backward(self, batch: dict[str, Any], num_micro: int, last: bool) -> dict[str, torch.Tensor]:
         """DeepSpeed casts the model for bf16/fp16 itself, scales by the accumulation steps and steps the
         optimizer at the accumulation boundary."""
-        losses = self.model(batch)
+        # DeepSpeed casts the weights to bf16/fp16 but not the inputs (its auto_cast is fp16-only): autocast makes
+        # the float inputs (frames, fbanks) meet the weights' dtype, and keeps reductions in fp32.
+        with autocast_context(self.cfg.precision, self.device):
+            losses = self.model(batch)
         self.model.backward(losses["loss"])
         self.model.step()
         return losses
