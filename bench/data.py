@@ -6,15 +6,17 @@ All numbers come from one run, so the ratios compare like with like on the same 
    into a (8, 3, 224, 224) CLIP-normalised clip, for every decoder available:
    ``pyav`` (the default: packet index, keyframe seeks, skipping unreferenced frames, frames behind
    different keyframes decoded in parallel on the free cores), ``pyav 1 thread`` (the same on one thread,
-   as inside a loader worker), ``decord`` (package decord2, if installed) and
-   ``opencv-seek``, the reference's method (``CAP_PROP_POS_FRAMES`` seek per frame, if opencv is installed).
-   Every backend's frames go through the same :class:`VideoTransform`, so only decoding differs.
+   as inside a loader worker), the other ``data.video_backend`` values ``decord`` (package decord2) and
+   ``torchcodec`` (needs the system FFmpeg libraries), and ``opencv-seek``, the reference's method
+   (``CAP_PROP_POS_FRAMES`` seek per frame), each if installed. All select the same frames and go through the
+   same :class:`VideoTransform`, so only decoding differs; a summary gives each decoder over ``pyav 1 thread``.
    Clips: the shared real videos (``../shared/data/media``), videos of the generated sample dataset, and
    generated 6-second and 3-minute videos (640x360, 30 fps, x264 ``superfast``), each once with a keyframe
    every 5 s (like the shared ``video2.mp4``, 160 frames) and once every 1 s (what
    ``scripts/prepare_dataset.py --reencode`` writes).
 2. Loader throughput: clips/s of a plain ``torch.utils.data.Dataset`` over the shared videos
-   (``load_video_frames``, training sampling, ``crop_flip``) with 0, 1 and 2 workers, batch 4, measured over
+   (``load_video_frames``, training sampling, ``crop_flip``) with 0, 1 and 2 workers for pyav and 2 workers for
+   each other installed backend, batch 4, measured over
    the second pass of persistent workers, with the CPU cores kept busy (process + workers CPU time / wall).
 
     python bench/data.py                       # everything (generating the long videos takes ~30-60 s)
@@ -39,24 +41,30 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gram.cli import UserError
 from gram.data.video import VideoTransform, decode_frames, load_video_frames, sample_frame_indices
+from gram.data.video_backends import VIDEO_BACKENDS, read_frames, require_backend
 
 SHARED_MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "media"
 
 
 def available_backends() -> dict[str, Callable[[Path, Callable], torch.Tensor]]:
-    """Name -> decode function (path, index function) -> (n, H, W, 3) uint8, for the installed decoders."""
+    """Name -> decode function (path, index function) -> (n, H, W, 3) uint8, for the installed decoders.
+
+    The optional backends run without the PyAV fallback that ``decode_frames`` gives decord, so a file a backend
+    cannot decode shows as nan here instead of PyAV's time.
+    """
     backends = {
         "pyav": lambda p, f: decode_frames(p, f),
         "pyav 1 thread": lambda p, f: decode_frames(p, f, threads=1),
     }
-    for name, module, backend in (("decord", "decord", "decord"), ("opencv-seek", "cv2", "opencv")):
+    for name, backend in (("decord", "decord"), ("torchcodec", "torchcodec"), ("opencv-seek", "opencv")):
         try:
-            __import__(module)
-        except ImportError:
-            print(f"note: {name} not installed, skipped (pip install {'decord2' if module == 'decord' else 'opencv-python-headless'})")
+            require_backend(backend)
+        except UserError as error:
+            print(f"note: {name} skipped: {error}")
             continue
-        backends[name] = lambda p, f, b=backend: decode_frames(p, f, backend=b)
+        backends[name] = lambda p, f, b=backend: torch.from_numpy(read_frames(b, Path(p), f))
     return backends
 
 
@@ -141,8 +149,8 @@ def per_clip_table(clips: dict[str, Path], backends: dict, repeats: int) -> dict
 class ClipDataset(Dataset):
     """Shared clips, repeated: (8, 3, 224, 224) training clips, one seeded generator per item."""
 
-    def __init__(self, paths: list[Path], length: int):
-        self.paths, self.length = paths, length
+    def __init__(self, paths: list[Path], length: int, backend: str = "pyav"):
+        self.paths, self.length, self.backend = paths, length, backend
         self.transform = VideoTransform(224, mode="crop_flip", training=True)
 
     def __len__(self) -> int:
@@ -151,7 +159,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(index)
         path = self.paths[index % len(self.paths)]
-        return load_video_frames(path, 8, True, self.transform, generator)
+        return load_video_frames(path, 8, True, self.transform, generator, backend=self.backend)
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -166,9 +174,9 @@ def cpu_seconds(process: psutil.Process) -> float:
     return total
 
 
-def loader_throughput(paths: list[Path], workers: int, length: int) -> tuple[float, float]:
+def loader_throughput(paths: list[Path], workers: int, length: int, backend: str = "pyav") -> tuple[float, float]:
     """(clips/s, busy cores) over the second pass of a DataLoader with ``workers`` persistent workers."""
-    loader = DataLoader(ClipDataset(paths, length), batch_size=4, num_workers=workers,
+    loader = DataLoader(ClipDataset(paths, length, backend), batch_size=4, num_workers=workers,
                         persistent_workers=workers > 0)
     for _ in loader:  # first pass: starts the workers
         pass
@@ -220,16 +228,20 @@ def main(argv: list[str] | None = None) -> None:
         samples = sample_clips(work / "sample", 4)
         print(f"(test videos ready in {time.perf_counter() - start:.0f} s)")
 
-        results = per_clip_table({**shared, **samples, **generated}, available_backends(), repeats)
+        decoders = available_backends()
+        results = per_clip_table({**shared, **samples, **generated}, decoders, repeats)
         report_targets(results, shared)
+        report_backends(results)
 
         print("\n## Loader throughput, shared clips, 8 frames crop_flip 224, batch 4 (second pass)\n")
         print("CPU ms per clip = busy cores / clips per second: the work per clip whatever else runs on the machine.\n")
-        print("| workers | clips/s | busy cores | CPU ms per clip |\n|---|---|---|---|")
+        print("| backend | workers | clips/s | busy cores | CPU ms per clip |\n|---|---|---|---|---|")
         clips = args.loader_clips // 2 if args.quick else args.loader_clips
-        for workers in (0, 1, 2):
-            rate, busy = loader_throughput(list(shared.values()) or list(generated.values())[:1], workers, clips)
-            print(f"| {workers} | {rate:.1f} | {busy:.2f} | {1000 * busy / rate:.0f} |", flush=True)
+        paths = list(shared.values()) or list(generated.values())[:1]
+        for backend in [b for b in VIDEO_BACKENDS if b == "pyav" or b in decoders]:
+            for workers in (0, 1, 2) if backend == "pyav" else (2,):
+                rate, busy = loader_throughput(paths, workers, clips, backend)
+                print(f"| {backend} | {workers} | {rate:.1f} | {busy:.2f} | {1000 * busy / rate:.0f} |", flush=True)
 
 
 def report_targets(results: dict[str, dict[str, tuple]], shared: dict[str, Path]) -> None:
@@ -251,6 +263,19 @@ def report_targets(results: dict[str, dict[str, tuple]], shared: dict[str, Path]
             ratios = [results[name]["opencv-seek"][i] / results[name]["pyav"][i] for name in shared]
             print(f"- opencv-seek / pyav on the shared clips ({kind}): {', '.join(f'{r:.1f}x' for r in ratios)} "
                   f"(geometric mean {float(np.exp(np.mean(np.log(ratios)))):.1f}x; target >= 3x)")
+
+
+def report_backends(results: dict[str, dict[str, tuple]]) -> None:
+    """Each optional decoder against PyAV on one thread (what a loader worker runs): geometric mean over the clips
+    both decode, wall and CPU time. Above 1x means slower than PyAV."""
+    print("\n## Decoders vs pyav 1 thread (geometric mean over the clips both decode; > 1x = slower)\n")
+    for name in ("decord", "torchcodec", "opencv-seek"):
+        rows = [row for row in results.values() if name in row and np.isfinite(row[name][0])]
+        if not rows:
+            continue
+        means = [float(np.exp(np.mean([np.log(row[name][i] / row["pyav 1 thread"][i]) for row in rows])))
+                 for i in (0, 1)]
+        print(f"- {name} / pyav 1 thread: {means[0]:.2f}x wall, {means[1]:.2f}x CPU over {len(rows)} clips")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ class DataConfig:
     num_workers: int = 2
     # Training skips a missing/undecodable clip (logged once, counted); above this fraction the run stops.
     max_failed_fraction: float = 0.05
+    # Video decoder: "pyav" (default, no system libraries), "decord" (pip install gram[decord]) or "torchcodec"
+    # (gram[torchcodec] + the system FFmpeg libraries). Same frames and pixels; bench/data.py compares their speed.
+    video_backend: str = "pyav"
 
     def __post_init__(self) -> None:
         _one_of(self.transform, ("none", "crop_flip"), "data.transform")
@@ -159,6 +162,7 @@ class DataConfig:
             check_range(f"data.{key}", getattr(self, key), 1)
         check_range("data.num_workers", self.num_workers, 0)
         check_range("data.max_failed_fraction", self.max_failed_fraction, 0.0, 1.0)
+        _one_of(self.video_backend, ("pyav", "decord", "torchcodec"), "data.video_backend")
 
 
 @dataclass

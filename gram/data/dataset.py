@@ -37,6 +37,7 @@ from gram.data.audio import (
     silent_clips,
 )
 from gram.data.video import VideoTransform, load_video_frames
+from gram.data.video_backends import require_backend
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class ItemBuilder:
         # The preset (data.preprocessing) also picks the colour matrix (through the transform) and the audio format.
         self.transform = VideoTransform(data.image_size, mode=data.transform, training=training,
                                         preprocessing=data.preprocessing)
+        if {"video", "depth"} & set(self.modalities):
+            require_backend(data.video_backend)  # one clear line at start, not a failed clip per worker
 
     def __call__(self, record: AnnotationRecord, media: MediaSource,
                  generator: torch.Generator) -> dict[str, Any]:
@@ -130,7 +133,8 @@ class ItemBuilder:
             with media(modality) as path:
                 if path is None:
                     raise MediaNotFoundError(f"{record.video_id}: no {modality} file")
-                frames = load_video_frames(path, self.num_frames, self.training, self.transform, generator=generator)
+                frames = load_video_frames(path, self.num_frames, self.training, self.transform, generator=generator,
+                                           backend=self.data.video_backend)
                 return {modality: require_finite(frames, path, f"{modality} frames")}
         if modality == "subtitle":
             return {"subtitle": record.subtitle or ""}

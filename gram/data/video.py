@@ -23,8 +23,9 @@ Decoding sits behind one function, :func:`decode_frames`. The default backend is
 
 The result equals a full sequential decode bit for bit (tested across codecs and containers).
 
-``decord`` (package ``decord2``) and ``opencv`` (seek per frame with ``CAP_PROP_POS_FRAMES``, the
-reference's method, kept as the benchmark baseline) are optional backends with the same signature.
+``decord`` (package ``decord2``), ``torchcodec`` and ``opencv`` (seek per frame with ``CAP_PROP_POS_FRAMES``, the
+reference's method, kept as the benchmark baseline) are optional backends behind the same frame selection
+(:mod:`gram.data.video_backends`); ``data.video_backend`` picks one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from gram.data.audio import MediaDecodeError, MediaNotFoundError
 from gram.data.preprocessing import DEFAULT_PRESET, get_preset
+from gram.data.video_backends import VIDEO_BACKENDS, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ IndexSpec = Sequence[int] | Callable[[int], Sequence[int]]
 SKIP_SAFE_CODECS = frozenset({"h264", "mpeg4", "mpeg2video", "mpeg1video"})
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BACKENDS = ("pyav", "decord", "opencv")
+BACKENDS = (*VIDEO_BACKENDS, "opencv")
 
 
 def sample_frame_indices(
@@ -116,8 +118,10 @@ def decode_frames(
         return torch.from_numpy(
             _decode_pyav(path, indices, default_decode_threads() if threads is None else threads, bt601)
         )
-    readers = {"decord": _decode_decord, "opencv": _decode_opencv_seek}
-    return torch.from_numpy(readers[backend](path, indices))
+    return torch.from_numpy(read_frames(
+        backend, path, lambda total: _resolve_indices(indices, total, path),
+        fallback=lambda: _decode_pyav(path, indices, 1, bt601),
+    ))
 
 
 def load_video_frames(
@@ -556,45 +560,6 @@ def _decode_sequential(path: Path, indices: IndexSpec, bt601: bool = False) -> n
             if position >= max(needed):
                 break
     return _gather(path, frames, wanted)
-
-
-def _decode_decord(path: Path, indices: IndexSpec) -> np.ndarray:
-    """decord backend (``pip install decord2``): random access through its own keyframe index."""
-    try:
-        import decord
-    except ImportError as err:
-        raise ImportError(
-            "video backend 'decord' needs the decord2 package: pip install 'gram[decord]'"
-        ) from err
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        wanted = _resolve_indices(indices, len(reader), path)
-        return reader.get_batch(wanted).asnumpy()  # (n, H, W, 3) uint8
-    except decord.DECORDError as err:
-        raise MediaDecodeError(f"cannot decode video {path}: {err}") from err
-
-
-def _decode_opencv_seek(path: Path, indices: IndexSpec) -> np.ndarray:
-    """The reference's method (``pip install opencv-python-headless``): seek to every frame, BGR -> RGB."""
-    try:
-        import cv2
-    except ImportError as err:
-        raise ImportError("video backend 'opencv' needs: pip install opencv-python-headless") from err
-    capture = cv2.VideoCapture(str(path))
-    try:
-        if not capture.isOpened():
-            raise MediaDecodeError(f"cannot open video {path} with OpenCV")
-        wanted = _resolve_indices(indices, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), path)
-        frames = []
-        for i in wanted:
-            capture.set(cv2.CAP_PROP_POS_FRAMES, i)
-            ok, bgr = capture.read()
-            if not ok:
-                raise MediaDecodeError(f"OpenCV could not read frame {i} of {path}")
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        return np.stack(frames)  # (n, H, W, 3)
-    finally:
-        capture.release()
 
 
 def reencode_video(

@@ -60,9 +60,16 @@ class TorchEngine:
         grads = [p.grad for p in self.task.parameters() if p.grad is not None]
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool | torch.Tensor) -> None:
         """Apply the accumulated gradients (or drop them when the loss or a gradient was not finite), then advance
-        the lr."""
+        the lr.
+
+        ``finite`` may be a boolean tensor on the device: with the fused AdamW (CUDA) and no fp16 scaler the skip
+        then happens on the device (the optimizer's ``found_inf``), so the step never waits for the GPU.
+        """
+        if isinstance(finite, torch.Tensor) and self._skips_on_device():
+            self._step_on_device(finite)
+            return
         if finite:
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -73,6 +80,21 @@ class TorchEngine:
         with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
+
+    def _skips_on_device(self) -> bool:
+        return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+
+    def _step_on_device(self, finite: torch.Tensor) -> None:
+        """The fused kernels leave parameters, moments and step counts untouched where ``found_inf`` is 1."""
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip)  # asynchronous
+        self.optimizer.found_inf = (~finite.detach().bool()).float().reshape(())
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
@@ -146,7 +168,10 @@ class DeepSpeedEngine:
     def forward_backward(self, batch: dict[str, Any], num_micro: int, last: bool) -> dict[str, torch.Tensor]:
         """DeepSpeed casts the model for bf16/fp16 itself, scales by the accumulation steps and steps the
         optimizer at the accumulation boundary."""
-        losses = self.model(batch)
+        # DeepSpeed casts the weights to bf16/fp16 but not the inputs (its auto_cast is fp16-only): autocast makes
+        # the float inputs (frames, fbanks) meet the weights' dtype, and keeps reductions in fp32.
+        with autocast_context(self.cfg.precision, self.device):
+            losses = self.model(batch)
         self.model.backward(losses["loss"])
         self.model.step()
         return losses

@@ -29,8 +29,15 @@ def param_groups(module: nn.Module, cfg: TrainerConfig, vision_prefix: str = "en
             for (vision, no_decay), params in sorted(groups.items())]
 
 
-def build_optimizer(module: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, cfg), betas=tuple(cfg.betas), eps=cfg.eps)
+def build_optimizer(module: nn.Module, cfg: TrainerConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`. ``fused`` (default: when every parameter is on a CUDA device) runs the
+    whole update as a few multi-tensor kernels instead of several per parameter, and lets the engine skip a
+    non-finite step on the device (``found_inf``) without waiting for the GPU."""
+    groups = param_groups(module, cfg)
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, cfg: TrainerConfig) -> float:
