@@ -60,7 +60,9 @@ def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, 
 
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in (*modalities, "condition")}
     loader = eval_loader(dataset, collate, batch_size, num_workers)
-    for batch in tqdm(loader, desc="embed test items", disable=not progress, leave=False):
+    bar = tqdm(loader, desc=f"evaluate: embed {len(dataset)} clips", unit="batch", leave=False,
+               disable=not (progress and dist.is_main_process()))
+    for batch in bar:
         batch = move_to(batch, device)
         tokens = {m: model.encode_tokens(m, batch[m]) for m in modalities}
         for m in modalities:
