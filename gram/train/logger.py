@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,7 @@ def run_id(output_dir: Path, resume: bool) -> tuple[str, bool]:
     path = Path(output_dir) / RUN_ID_FILE
     if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip(), True
-    import wandb
-
-    new = wandb.util.generate_id()
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id format
     path.write_text(new + "\n")
     return new, False
 
