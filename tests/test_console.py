@@ -29,3 +29,17 @@ def test_sample_generation_shows_progress(tmp_path, capsys):
     assert len([f for f in manifest["files"] if f.startswith("videos/")]) == 3  # the pool really wrote them
     again = generate_sample_dataset(tmp_path, num_train=2, num_test=1, seed=1, workers=2, progress=True)
     assert not again["generated"] and "generate sample clips" not in capsys.readouterr().err  # cached: silent
+
+
+def test_dam_rerank_shows_progress_and_gives_the_same_scores(capsys):
+    import torch
+
+    from gram.eval.rerank import rerank_topk
+
+    scores = torch.randn(30, 20, generator=torch.Generator().manual_seed(0))
+    table = torch.rand(30, 20, generator=torch.Generator().manual_seed(1))
+    quiet = rerank_topk(scores, 5, lambda q, c: table[q, c], batch_size=7)
+    assert "re-rank" not in capsys.readouterr().err
+    shown = rerank_topk(scores, 5, lambda q, c: table[q, c], batch_size=7, progress="evaluate: DAM re-rank")
+    err = capsys.readouterr().err
+    assert torch.equal(quiet, shown) and "evaluate: DAM re-rank" in err and "/22 " in err  # 150 pairs / 7 per batch
