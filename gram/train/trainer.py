@@ -203,8 +203,8 @@ class Trainer:
                 now = time.perf_counter()
                 metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
                 last_time = now
+                bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
                 bar.update(1)
-                bar.set_postfix(bar_postfix(metrics), refresh=False)
                 self._log(metrics)
                 result = self.maybe_evaluate(final=False)
                 if result is not None or (self.tcfg.save_every and self.step % self.tcfg.save_every == 0):
