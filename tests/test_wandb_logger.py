@@ -91,6 +91,7 @@ def test_offline_sync_command_names_the_real_run_directory(tmp_path, monkeypatch
     assert len(parts) == 2 and all(Path(p, f"run-{run_id}.wandb").is_file() for p in parts)
 
 
+@pytest.mark.slow  # three small end-to-end runs
 def test_runs_log_training_resume_and_test_results(fake_wandb, sample_root, tmp_path, capfd):
     """One output folder: train 1 step, resume to 2 (same run id), then mode=test (its own run, results logged)."""
     import logging
