@@ -3,13 +3,17 @@
 Launch on several processes with `torchrun --nproc_per_node N run.py ...`.
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from gram.cli import prepare_argv, run_with_clear_errors
-from gram.config import register_configs
+from gram.config import check_overrides, register_configs
 from gram.main import run
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 register_configs()
 
 
@@ -20,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     prepare_argv()
+    run_with_clear_errors(lambda: check_overrides(sys.argv[1:], CONFIGS))  # before Hydra's `+key=` advice
     main()

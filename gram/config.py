@@ -7,8 +7,14 @@ runs each `__post_init__` validation.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -283,6 +289,10 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "gram"
     entity: str | None = None
+    name: str | None = None  # the run's display name (default: wandb's generated one)
+    group: str | None = None  # e.g. one sweep, or the runs of one experiment
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("offline", "online", "disabled"), "logger.wandb.mode")
@@ -348,3 +358,104 @@ def without_pretrained(model_cfg: ModelConfig) -> ModelConfig:
 def register_configs() -> None:
     """Register the schema so `configs/config.yaml` can extend it (idempotent)."""
     ConfigStore.instance().store(name="gram_schema", node=GramConfig)
+
+
+# ---------------------------------------------------------------------------------------------- unknown keys
+def _unwrap_optional(tp: Any) -> Any:
+    """X for `X | None` / Optional[X]; otherwise tp."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _is_open(tp: Any) -> bool:
+    """A node under which any key is allowed (dict[str, Any], Any)."""
+    return tp is Any or tp is dict or typing.get_origin(tp) is dict
+
+
+def schema_keys(schema: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key the structured config declares (sections and leaves), e.g. "trainer.max_steps"."""
+    schema = schema or GramConfig
+    keys = []
+    for name, tp in typing.get_type_hints(schema).items():
+        key, tp = f"{prefix}{name}", _unwrap_optional(tp)
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys += schema_keys(tp, key + ".")
+    return keys
+
+
+def _declared(key: str, schema: type) -> bool:
+    """Whether the dotted ``key`` exists in the schema (anything below an open dict is allowed, and list indices)."""
+    tp: Any = schema
+    for part in key.split("."):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return False
+            tp = _unwrap_optional(hints[part])
+        elif _is_open(tp):
+            return True
+        elif typing.get_origin(tp) is list and part.isdigit():
+            tp = _unwrap_optional((typing.get_args(tp) or (Any,))[0])
+        else:
+            return False
+    return True
+
+
+def unknown_key_message(key: str, added: bool = False) -> str:
+    """One line for a key the schema does not declare: what to do instead, and the closest valid keys."""
+    known = [k for k in schema_keys() if not key.startswith(k + ".")]  # not the sections the key is in
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    close += [k for k in known if k not in close and difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]],
+                                                                               cutoff=0.8)]
+    section = key.split(".")[0]
+    hint = f"did you mean {', '.join(f'`{k}`' for k in close[:3])}? " if close else ""
+    how = ("`+` cannot add keys: " if added else "") + "every key is declared in gram/config.py"
+    listing = (f"`python run.py --cfg job --package {section}` prints that section"
+               if section in {f.name for f in dataclasses.fields(GramConfig)} and "." in key
+               else "`python run.py --cfg job` prints every key")
+    return f"unknown config key `{key}`: {hint}({how}; {listing})"
+
+
+def check_overrides(overrides: Sequence[str], config_dir: str | Path | None = None) -> None:
+    """Reject command-line overrides of keys the schema does not declare, before Hydra composes the config.
+
+    Hydra's own message for such a key advises `+key=value`, which under this schema either fails too or adds an
+    attribute that nothing reads; this raises a ValueError naming the key and the closest valid ones instead.
+    Config group choices (`data=msrvtt_ret`, `+experiment=...`), `hydra.*` keys, deletions and arguments Hydra
+    cannot parse are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    groups = Path(config_dir) if config_dir else None
+    args = [a for a in overrides if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return
+    for override in parsed:
+        key = override.key_or_group
+        if override.type == OverrideType.DEL or override.package or key.split(".")[0] == "hydra" or "/" in key:
+            continue
+        if groups is not None and (groups / key).is_dir():
+            continue
+        if not _declared(key, GramConfig):
+            raise ValueError(unknown_key_message(key, added=override.type != OverrideType.CHANGE))
+
+
+def check_no_extra_keys(node: Any, schema: type = None, prefix: str = "") -> None:
+    """Reject keys of a composed config that the schema does not declare (added with `+key=` or `++key=`)."""
+    schema = schema or GramConfig
+    hints = typing.get_type_hints(schema)
+    for name in node:
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ValueError(unknown_key_message(key, added=True))
+        tp = _unwrap_optional(hints[name])
+        if dataclasses.is_dataclass(tp) and hasattr(node[name], "keys"):  # a section (None when optional and unset)
+            check_no_extra_keys(node[name], tp, key + ".")

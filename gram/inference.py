@@ -175,13 +175,13 @@ class GramPredictor:
 
     # ------------------------------------------------------------------------------------------ datasets
     def embed_split(self, split: DatasetConfig, limit: int | None = None, num_workers: int = 0,
-                    allow_missing: bool = False) -> dict[str, torch.Tensor]:
+                    allow_missing: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
         """{"text": (N, D), modality: (N, D), ...} for the first ``limit`` items of an annotated split, row i
         of each belonging to item i (its first caption), through the training-time evaluation path."""
         dataset = VideoTextDataset(split, self.data, self.modalities, training=False, allow_missing=allow_missing)
         n = len(dataset) if limit is None else min(limit, len(dataset))
         items = embed_items(self.model, Subset(dataset, range(n)), self.collator, self.modalities, self.batch_size,
-                            num_workers, self.device)
+                            num_workers, self.device, progress)
         captions = [record.captions[0] for record in dataset.records[:n]]
         return {"text": self.encode_text(captions), **items}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,10 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gram import distributed as dist
 from gram.cli import UserError
-from gram.config import GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
+from gram.config import (
+    GramConfig,
+    LossConfig,
+    ModelConfig,
+    check_no_extra_keys,
+    typed_section,
+    without_pretrained,
+)
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
 from gram.data.preprocessing import preset_origin, recorded_preset
@@ -25,6 +32,7 @@ from gram.eval.classification import evaluate_classification
 from gram.eval.retrieval import evaluate_retrieval, format_table, warn_if_incomplete
 from gram.models.gram_model import GramModel
 from gram.pretrained import is_pretrained_name, resolve_model_source
+from gram.provenance import file_sha256, provenance, rounded
 from gram.train import checkpoint as ckpt
 from gram.train import launch
 from gram.train.logger import RunLogger
@@ -35,7 +43,9 @@ log = logging.getLogger("gram")
 
 
 def to_dataclass(cfg: DictConfig) -> GramConfig:
-    """Typed, validated config (runs every `__post_init__`)."""
+    """Typed, validated config (runs every `__post_init__`); a key added with `+key=` that the schema does not
+    declare is an error naming it, not an attribute nothing reads."""
+    check_no_extra_keys(cfg)
     return OmegaConf.to_object(cfg)
 
 
@@ -72,7 +82,7 @@ def prepare_sample_data(cfg: GramConfig) -> None:
         from gram.data.sample import generate_sample_dataset
 
         generate_sample_dataset(cfg.data.sample_dir, num_train=cfg.data.sample_train_size,
-                                num_test=cfg.data.sample_test_size, seed=0)
+                                num_test=cfg.data.sample_test_size, seed=0, progress=cfg.logger.progress_bar)
     launch.barrier()
 
 
@@ -117,11 +127,8 @@ def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, 
 
 
 def checkpoint_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    with open(folder / ckpt.WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    """The full sha256 of a checkpoint's weights file (compare with `sha256sum <folder>/model.safetensors`)."""
+    return file_sha256(folder / ckpt.WEIGHTS)
 
 
 def flat_result(result: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +142,8 @@ def run(cfg_node: DictConfig) -> dict[str, Any]:
     cfg = to_dataclass(cfg_node)
     launch.init_from_env()
     try:
-        return _run(cfg, OmegaConf.to_container(cfg_node, resolve=True))
+        with logging_redirect_tqdm():  # log lines go above the progress bars, never onto them
+            return _run(cfg, OmegaConf.to_container(cfg_node, resolve=True))
     finally:
         launch.destroy()
 
@@ -166,12 +174,14 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
         if init_from:
             ckpt.load_weights(task, init_from)
     task.to(device)
-    logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
+    logger = RunLogger(cfg.logger, output_dir, config_dict, resume=cfg.mode == "train" and cfg.trainer.resume,
+                       job_type=cfg.mode) if dist.is_main_process() else None
 
     def evaluate() -> dict[str, Any]:
         batch = _local_batch(cfg.data.test_batch_size)
         if cfg.eval.task == "classification":
-            res = evaluate_classification(task.model, test_set, collate, cfg.eval, batch, cfg.data.num_workers, device)
+            res = evaluate_classification(task.model, test_set, collate, cfg.eval, batch, cfg.data.num_workers, device,
+                                          progress=cfg.logger.progress_bar)
             return {**res["scorings"]["volume"], **res}
         res = evaluate_retrieval(task.model, test_set, collate, cfg.eval, batch, cfg.data.num_workers, device,
                                  progress=cfg.logger.progress_bar)
@@ -195,6 +205,8 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
             if cfg.reproduction.get("expected"):
                 result["paper"] = cfg.reproduction["expected"]
             _report({cfg.data.name: result}, output_dir)
+            if logger:
+                logger.log_results({cfg.data.name: result})
         return {cfg.data.name: result} if result is not None else {}
     finally:
         if logger:
@@ -253,5 +265,7 @@ def _report(results: dict[str, Any], output_dir: Path) -> None:
         log.info("results %s: %s", name, " ".join(f"{k}={v:.4g}" for k, v in result.items()
                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)))
     path = output_dir / "results.json"
-    path.write_text(json.dumps(results, indent=2))
+    record = provenance()
+    path.write_text(json.dumps({name: {**rounded(result), "provenance": record} for name, result in results.items()},
+                               indent=2))
     log.info("wrote %s", path)

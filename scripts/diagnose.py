@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gram.config import DatasetConfig
-from gram.eval.geometry import format_report, geometry_report, save_plots
+from gram.eval.geometry import format_report, geometry_report, plot_title, save_plots
 from gram.inference import load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,7 +31,7 @@ def split_from_config(name: str, split: str, overrides: Sequence[str]) -> Datase
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from gram.config import register_configs
+    from gram.config import check_overrides, register_configs
     from gram.main import prepare_sample_data, to_dataclass
 
     if not (CONFIGS / "data" / f"{name}.yaml").is_file():
@@ -39,6 +39,7 @@ def split_from_config(name: str, split: str, overrides: Sequence[str]) -> Datase
         raise SystemExit(f"--data {name}: no configs/data/{name}.yaml and no such annotation file; "
                          f"data configs: {', '.join(known)}")
     register_configs()
+    check_overrides(overrides, CONFIGS)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         node = compose(config_name="config", overrides=[f"data={name}", "output_dir=unused", *overrides])
     cfg = to_dataclass(node)
@@ -70,6 +71,23 @@ def warn_ignored_preset(overrides: Sequence[str], used: str) -> None:
                           f"(its recorded one; --preprocessing overrides it)", stacklevel=2)
 
 
+def checkpoint_label(checkpoint: str) -> str:
+    """The checkpoint as given, plus the step folder it resolved to when that is not already in the name."""
+    from gram.checkpoint_format import resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(checkpoint)
+    except (OSError, ValueError):
+        return str(checkpoint)
+    return str(checkpoint) if folder.name in str(checkpoint) else f"{checkpoint} ({folder.name})"
+
+
+def split_label(args: argparse.Namespace) -> str:
+    """"<data config> <split>" or the annotation file's name."""
+    path = Path(args.data)
+    return path.name if path.suffix == ".json" or path.is_file() else f"{args.data} {args.split}"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training output dir")
@@ -98,13 +116,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            preprocessing=args.preprocessing)
     warn_ignored_preset(args.overrides, predictor.data.preprocessing)
     print(f"preprocessing preset: {predictor.data.preprocessing}")
-    embeddings = predictor.embed_split(split, limit=args.max_items, num_workers=args.num_workers)
+    embeddings = predictor.embed_split(split, limit=args.max_items, num_workers=args.num_workers, progress=True)
     report = geometry_report(embeddings)
     print(format_report(report))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(args.checkpoint), "annotations": split.annotations, **report.as_dict()}
     (args.output_dir / "geometry.json").write_text(json.dumps(result, indent=2))
-    for path in save_plots(embeddings, args.output_dir):
+    title = plot_title(checkpoint_label(args.checkpoint), split_label(args), report.modalities, report.n)
+    for path in save_plots(embeddings, args.output_dir, title=title):
         print(f"wrote {path}")
     return result
 

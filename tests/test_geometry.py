@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,79 @@ def test_plots_are_valid_pngs(tmp_path):
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image.std() > 0  # something was drawn
+
+
+# ---------------------------------------------------------------------------------------------- separation, figures
+def brute_force_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(pos < neg) + P(pos == neg) / 2 by counting every pair."""
+    p, n = pos[:, None], neg[None, :]
+    return float(((p < n).double() + 0.5 * (p == n).double()).mean())
+
+
+def test_auc_matches_a_pair_count_and_scipy_with_ties():
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randint(0, 12, (40,), generator=g).double() / 4  # many ties, within and across the groups
+    neg = torch.randint(3, 20, (300,), generator=g).double() / 4
+    sep = geo.volume_separation(pos, neg)
+    assert sep["auc"] == pytest.approx(brute_force_auc(pos, neg), abs=1e-12)
+    u = scipy.stats.mannwhitneyu(neg.numpy(), pos.numpy(), alternative="two-sided").statistic  # pairs neg > pos
+    assert sep["auc"] == pytest.approx(u / (pos.numel() * neg.numel()), abs=1e-12)
+    d = (neg.mean() - pos.mean()) / np.sqrt((np.var(pos.numpy(), ddof=1) + np.var(neg.numpy(), ddof=1)) / 2)
+    assert sep["d_prime"] == pytest.approx(float(d), rel=1e-12)
+
+
+def test_auc_known_values():
+    assert geo.volume_separation(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4]))["auc"] == 1.0
+    assert geo.volume_separation(torch.tensor([0.5, 0.6]), torch.tensor([0.3, 0.4]))["auc"] == 0.0
+    assert geo.volume_separation(torch.full((3,), 0.5), torch.full((5,), 0.5)) == {"auc": 0.5, "d_prime": 0.0}
+    with pytest.raises(ValueError, match="positives and negatives"):
+        geo.volume_separation(torch.tensor([0.1]), torch.tensor([]))
+
+
+def test_report_carries_the_separation():
+    x, y = unit_rows(12, 6, 1), unit_rows(12, 6, 2)
+    report = geo.geometry_report({"text": x, "video": y})
+    positives, negatives = geo.pair_volumes(x, y)
+    assert report.volume_separation["auc"] == pytest.approx(brute_force_auc(positives, negatives))
+    assert "AUC" in geo.format_report(report) and "d'" in geo.format_report(report)
+
+
+def test_explained_variance_matches_the_covariance_eigenvalues():
+    embeddings = {"text": unit_rows(20, 6, 4), "video": unit_rows(15, 6, 5) + 0.5}
+    points, explained = geo.principal_projection(embeddings, 2)
+    pooled = np.concatenate([x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True) for x in embeddings.values()])
+    eig = np.sort(np.linalg.eigvalsh(np.cov(pooled, rowvar=False)))[::-1]
+    assert explained == pytest.approx(list(eig[:2] / eig.sum()), rel=1e-10)
+    # the projected coordinates carry exactly that variance
+    both = torch.cat(list(points.values()))
+    assert float(both[:, 0].var()) == pytest.approx(float(eig[0]), rel=1e-10)
+
+
+def test_figures_have_titles_data_range_bins_and_labelled_equal_axes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    figures = {}
+    real_save = geo._save
+
+    def keep(fig, plt, path, title=""):
+        figures[Path(path).name] = (fig.axes[0].get_title(), fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel(),
+                                    fig.axes[0].get_aspect(), [p.get_x() for p in fig.axes[0].patches],
+                                    fig.axes[0].get_legend().get_title().get_text())
+        return real_save(fig, plt, path, title)
+
+    monkeypatch.setattr(geo, "_save", keep)
+    embeddings = {"text": unit_rows(10, 8, 9), "video": unit_rows(10, 8, 10), "audio": unit_rows(10, 8, 11)}
+    title = geo.plot_title("outputs/run (step_00000020)", "sample test", list(embeddings), 10)
+    paths = geo.save_plots(embeddings, tmp_path / "plots", title=title)
+    assert title == "outputs/run (step_00000020) | sample test | text+video+audio | N=10"
+    for path in paths:
+        assert Image.open(path).info["Title"] == title  # written into the PNG itself
+    hist_title, xlabel, _, _, lefts, legend = figures["volumes.png"]
+    assert title in hist_title and "AUC" in legend and "d'" in legend
+    positives, negatives = geo.pair_volumes(embeddings["text"], embeddings["video"], embeddings["audio"])
+    low = float(torch.cat([positives, negatives]).min())
+    assert min(lefts) == pytest.approx(low) and low > 0.05  # bins start at the data, not at 0
+    proj_title, xlabel, ylabel, aspect, _, _ = figures["projection.png"]
+    _, explained = geo.principal_projection(embeddings)
+    assert title in proj_title and aspect == 1.0
+    assert xlabel == f"PC 1 ({explained[0]:.1%} of variance)" and ylabel.startswith("PC 2 (")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from safetensors import safe_open
@@ -182,10 +183,15 @@ def test_diagnose_on_a_data_config(memorised, sample_root, tmp_path, capsys):
                                                         abs=1e-6)
     assert result["effective_rank"]["audio"] == pytest.approx(geometry.effective_rank(embeddings["audio"]), abs=1e-6)
     assert json.loads((out / "geometry.json").read_text())["gap"] == result["gap"]
+    saved = json.loads((out / "geometry.json").read_text())
+    assert 0 <= saved["volume_separation"]["auc"] <= 1 and "d_prime" in saved["volume_separation"]
     for name in ("volumes.png", "projection.png"):
         _check_png(out / name)
+        title = PIL.Image.open(out / name).info["Title"]  # checkpoint, split, modalities and N on every figure
+        assert str(memorised) in title and "step_" in title and "sample test" in title
+        assert "text+video+audio" in title and "N=24" in title
     printed = capsys.readouterr().out
-    assert "text-video" in printed and "volume positive" in printed
+    assert "text-video" in printed and "volume positive" in printed and "AUC" in printed
 
 
 def test_diagnose_on_an_annotation_file(memorised, sample_root, tmp_path):

@@ -20,8 +20,10 @@ identical decoded media, and an existing identical manifest makes it a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,6 +35,8 @@ import numpy as np
 from gram.data.tokenizer import train_wordpiece_vocab
 
 GENERATOR_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 SAMPLE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle", "star"),
@@ -333,15 +337,26 @@ def generate_clip(spec: ClipSpec, root: Path, media: MediaSpec) -> list[str]:
     return written
 
 
-def generate_clips(specs: list[ClipSpec], root: Path, media: MediaSpec, workers: int) -> list[str]:
-    """Encode all clips, in ``workers`` processes when > 1 (each clip is seeded on its own)."""
-    if workers <= 1:
-        return [path for spec in specs for path in generate_clip(spec, root, media)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(
-            generate_clip, specs, itertools.repeat(root), itertools.repeat(media), chunksize=16
-        )
-        return [path for written in results for path in written]
+def generate_clips(
+    specs: list[ClipSpec], root: Path, media: MediaSpec, workers: int, progress: bool = False
+) -> list[str]:
+    """Encode all clips, in ``workers`` processes when > 1 (each clip is seeded on its own), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(specs), desc="generate sample clips", unit="clip", disable=not progress)
+    with bar, contextlib.ExitStack() as stack:
+        if workers <= 1:
+            results = (generate_clip(spec, root, media) for spec in specs)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            results = pool.map(
+                generate_clip, specs, itertools.repeat(root), itertools.repeat(media), chunksize=4
+            )
+        written = []
+        for paths in results:  # in order, as each clip is done
+            written += paths
+            bar.update(1)
+        return written
 
 
 # ---------------------------------------------------------------------------- annotations & cache
@@ -418,6 +433,7 @@ def generate_sample_dataset(
     force: bool = False,
     workers: int | None = None,
     media: MediaSpec | None = None,
+    progress: bool = False,
 ) -> dict:
     """Generate (or reuse) the sample dataset under ``root``; see the module docstring for the layout.
 
@@ -428,6 +444,7 @@ def generate_sample_dataset(
         force: regenerate even if an identical manifest exists.
         workers: encoding processes (default: up to 2, the CPU count); output does not depend on it.
         media: frame size, fps, duration and sample rates.
+        progress: show a progress bar while encoding (the default run's data takes a minute or two).
 
     Returns:
         dict with ``root``, ``videos``, ``audios``, ``annotations`` ({split: path}), ``vocab``,
@@ -443,13 +460,18 @@ def generate_sample_dataset(
         return summary(root, previous, generated=False)
     remove_listed_files(root, previous)
     (root / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
-    manifest = write_dataset(root, seed, num_train, num_test, media, workers or min(2, os.cpu_count() or 1))
+    log.info("generating the sample dataset (%d train + %d test clips) in %s; later runs reuse it",
+             num_train, num_test, root)
+    manifest = write_dataset(
+        root, seed, num_train, num_test, media, workers or min(2, os.cpu_count() or 1), progress
+    )
     write_json(root / "manifest.json", {"key": key, **manifest})
     return summary(root, manifest, generated=True)
 
 
 def write_dataset(
-    root: Path, seed: int, num_train: int, num_test: int, media: MediaSpec, workers: int
+    root: Path, seed: int, num_train: int, num_test: int, media: MediaSpec, workers: int,
+    progress: bool = False,
 ) -> dict:
     """Write media, annotations and vocabulary; returns the manifest's ``counts`` and ``files``."""
     splits = {
@@ -459,7 +481,7 @@ def write_dataset(
     for folder in ("videos", "audios", "annotations"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     all_specs = splits["train"] + splits["test"]
-    files = generate_clips(all_specs, root, media, workers)
+    files = generate_clips(all_specs, root, media, workers, progress)
     records = {split: [make_record(spec, seed) for spec in specs] for split, specs in splits.items()}
     for split, split_records in records.items():
         write_json(root / "annotations" / f"{split}.json", split_records)

@@ -36,14 +36,15 @@ def clip_labels(dataset: VideoTextDataset, field: str, classes: Sequence[str]) -
 
 @torch.no_grad()
 def evaluate_classification(model: GramModel, dataset: VideoTextDataset, collate: Collator, cfg: EvalConfig,
-                            batch_size: int, num_workers: int, device: torch.device) -> dict[str, Any]:
+                            batch_size: int, num_workers: int, device: torch.device,
+                            progress: bool = False) -> dict[str, Any]:
     """Top-1/top-5 accuracy and mAP (percent) by volume and by cosine per modality."""
     if not cfg.classes:
         raise ValueError("eval.task=classification needs eval.classes (the class names)")
     was_training = model.training
     model.eval()
     modalities = list(cfg.modalities or model.modalities)
-    items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device)
+    items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device, progress)
     prompts = embed_texts(model, collate, [cfg.prompt.format(label=c) for c in cfg.classes], batch_size, device)
     labels = clip_labels(dataset, cfg.label_field, cfg.classes)
     single = all(len(ls) == 1 for ls in labels)

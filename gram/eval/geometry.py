@@ -9,7 +9,10 @@ numbers live on the unit sphere:
   (lower = more uniform; 0 when all points coincide);
 * effective rank (Roy & Vetterli 2007): exp(H(p)) with p_k = s_k / sum(s) the normalised singular values of the
   (uncentred) embedding matrix; a narrow cone has one dominant singular value and so a low effective rank;
-* volumes: gram.volume(text_i, data_1[j], ...) of positives (i = j) against negatives (i != j).
+* volumes: gram.volume(text_i, data_1[j], ...) of positives (i = j) against negatives (i != j), and how well they
+  separate: AUC = P(a positive's volume < a negative's), ties counting 1/2 (the Mann-Whitney U statistic over all
+  pairs; 0.5 = no separation, 1 = every positive smaller than every negative), and d' = (mean_neg - mean_pos) /
+  sqrt((var_pos + var_neg) / 2) (the gap between the means in pooled standard deviations).
 """
 
 from __future__ import annotations
@@ -81,17 +84,53 @@ def pair_volumes(anchor: torch.Tensor, *data: torch.Tensor) -> tuple[torch.Tenso
     return vol.diagonal().clone(), vol[off_diagonal]
 
 
-def pca_2d(embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every modality's normalised embeddings projected on the top-2 principal axes of all of them pooled.
+def volume_separation(positives: torch.Tensor, negatives: torch.Tensor) -> dict[str, float]:
+    """{"auc", "d_prime"} of positive (P,) against negative (M,) volumes; smaller volume = better match.
 
-    Returns {modality: (N_m, 2)}. Pooled, so the modality gap shows as separated clouds.
+    AUC = P(pos < neg) + P(pos = neg) / 2 over all P x M pairs, computed from mid-ranks in O((P + M) log(P + M)).
+    """
+    pos, neg = positives.detach().double().flatten(), negatives.detach().double().flatten()
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError(f"separation needs positives and negatives, got {pos.numel()} and {neg.numel()}")
+    values = torch.cat([pos, neg])
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)  # sorted distinct values
+    ends = counts.cumsum(0).double()
+    mid_rank = (ends - (counts - 1) / 2)[inverse]  # 1-based rank of each value, ties sharing their mean rank
+    n_pos, n_neg = pos.numel(), neg.numel()
+    # Pairs where the positive is the larger (ties 1/2): the Mann-Whitney U of the positives.
+    u_larger = mid_rank[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    auc = 1.0 - float(u_larger) / (n_pos * n_neg)
+    pooled_sd = math.sqrt((_var(pos) + _var(neg)) / 2)
+    gap = float(neg.mean() - pos.mean())
+    d_prime = gap / pooled_sd if pooled_sd > 0 else (math.copysign(math.inf, gap) if gap else 0.0)
+    return {"auc": auc, "d_prime": d_prime}
+
+
+def _var(x: torch.Tensor) -> float:
+    """Unbiased variance (0 for a single value)."""
+    return float(x.var()) if x.numel() > 1 else 0.0
+
+
+def principal_projection(embeddings: Mapping[str, torch.Tensor], k: int = 2
+                         ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Every modality's normalised embeddings projected on the top-k principal axes of all of them pooled.
+
+    Returns ({modality: (N_m, k)}, the fraction of the pooled variance each axis explains). Pooled, so the
+    modality gap shows as separated clouds.
     """
     units = {m: _unit(x) for m, x in embeddings.items()}
     pooled = torch.cat(list(units.values()))  # (sum N_m, D)
     mean = pooled.mean(0)
-    _, _, vh = torch.linalg.svd(pooled - mean, full_matrices=False)  # vh: (r, D), principal axes as rows
-    axes = vh[:2].T  # (D, 2)
-    return {m: (u - mean) @ axes for m, u in units.items()}  # (N_m, D) @ (D, 2) -> (N_m, 2)
+    _, s, vh = torch.linalg.svd(pooled - mean, full_matrices=False)  # vh: (r, D), principal axes as rows
+    axes = vh[:k].T  # (D, k)
+    variance = s.square()
+    explained = (variance[:k] / variance.sum()).tolist() if variance.sum() > 0 else [0.0] * min(k, len(s))
+    return {m: (u - mean) @ axes for m, u in units.items()}, explained  # (N_m, D) @ (D, k) -> (N_m, k)
+
+
+def pca_2d(embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{modality: (N_m, 2)}: :func:`principal_projection` on the top-2 axes."""
+    return principal_projection(embeddings, 2)[0]
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -112,6 +151,7 @@ class GeometryReport:
     effective_rank: dict[str, float] = field(default_factory=dict)  # "text" -> effective rank
     volume_positive: dict[str, float] = field(default_factory=dict)  # summary of positive volumes
     volume_negative: dict[str, float] = field(default_factory=dict)  # summary of negative volumes
+    volume_separation: dict[str, float] = field(default_factory=dict)  # {"auc", "d_prime"} positives vs negatives
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -139,6 +179,7 @@ def geometry_report(embeddings: Mapping[str, torch.Tensor], anchor: str = ANCHOR
         report.pair_uniformity[f"{a}-{b}"] = (report.uniformity[a] + report.uniformity[b]) / 2
     positives, negatives = pair_volumes(x[anchor], *(x[m] for m in mods if m != anchor))
     report.volume_positive, report.volume_negative = _summary(positives), _summary(negatives)
+    report.volume_separation = volume_separation(positives, negatives)
     return report
 
 
@@ -155,6 +196,9 @@ def format_report(report: GeometryReport) -> str:
     for name, s in (("positive", report.volume_positive), ("negative", report.volume_negative)):
         lines.append(f"volume {name:<10} mean {s['mean']:.4f}  std {s['std']:.4f}  median {s['median']:.4f}  "
                      f"[{s['min']:.4f}, {s['max']:.4f}]")
+    sep = report.volume_separation
+    lines.append(f"volume separation  AUC {sep['auc']:.4f} (P(positive < negative); 0.5 = chance)  "
+                 f"d' {sep['d_prime']:.3f}")
     return "\n".join(lines)
 
 
@@ -169,46 +213,70 @@ def _pyplot():
     return plt
 
 
-def plot_volume_histogram(positives: torch.Tensor, negatives: torch.Tensor, path: str | Path) -> Path:
-    """Density histograms of positive vs negative volumes, written as a PNG."""
+def plot_volume_histogram(positives: torch.Tensor, negatives: torch.Tensor, path: str | Path,
+                          title: str = "") -> Path:
+    """Density histograms of positive vs negative volumes over the data's range, with AUC and d', as a PNG."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    top = float(torch.cat([positives, negatives]).max())
-    bins = torch.linspace(0.0, max(top, 1e-6), 41).tolist()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    both = torch.cat([positives, negatives]).double()
+    lo, hi = float(both.min()), float(both.max())
+    pad = max(hi - lo, abs(hi), 1e-6) * 0.02 if hi - lo < 1e-9 else 0.0  # one value: a narrow visible bin
+    bins = torch.linspace(lo - pad, hi + pad, 41).tolist()
     ax.hist(negatives.numpy(), bins=bins, density=True, alpha=0.6, label=f"negatives (n={negatives.numel()})")
     ax.hist(positives.numpy(), bins=bins, density=True, alpha=0.6, label=f"positives (n={positives.numel()})")
-    ax.set_xlabel("GRAM volume (text anchor)")
+    sep = volume_separation(positives, negatives)
+    ax.set_xlabel("GRAM volume, text anchor (smaller = closer)")
     ax.set_ylabel("density")
-    ax.legend()
-    return _save(fig, plt, path)
+    ax.legend(title=f"AUC {sep['auc']:.3f}   d' {sep['d_prime']:.2f}")
+    _title(ax, "positive vs negative volumes", title)
+    return _save(fig, plt, path, title)
 
 
-def plot_projection(points: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Scatter of {modality: (N, 2)} projected embeddings, one colour per modality, written as a PNG."""
+def plot_projection(points: Mapping[str, torch.Tensor], path: str | Path, explained: Sequence[float] = (),
+                    title: str = "") -> Path:
+    """Scatter of {modality: (N, 2)} projected embeddings, one colour per modality, equal axis scales, as a PNG.
+
+    ``explained``: the fraction of variance of each axis, shown in the axis labels.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(6, 6))
     for modality, xy in points.items():
-        ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), s=12, alpha=0.7, label=modality)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title("normalised embeddings, 2-D PCA")
+        ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), s=12, alpha=0.7, label=f"{modality} (n={len(xy)})")
+    for i, set_label in enumerate((ax.set_xlabel, ax.set_ylabel)):
+        share = f" ({explained[i]:.1%} of variance)" if i < len(explained) else ""
+        set_label(f"PC {i + 1}{share}")
+    ax.set_aspect("equal", adjustable="datalim")  # distances on the page are distances in the space
     ax.legend()
-    return _save(fig, plt, path)
+    _title(ax, "normalised embeddings, 2-D PCA of all modalities pooled", title)
+    return _save(fig, plt, path, title)
 
 
-def _save(fig, plt, path: str | Path) -> Path:
+def _title(ax, what: str, context: str) -> None:
+    ax.set_title(f"{what}\n{context}" if context else what, fontsize=10)
+
+
+def _save(fig, plt, path: str | Path, title: str = "") -> Path:
+    """Write the figure; ``title`` also goes into the PNG's Title text chunk (readable by tools and tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100, metadata={"Title": title} if title else None)
     plt.close(fig)
     return path
 
 
-def save_plots(embeddings: Mapping[str, torch.Tensor], output_dir: str | Path, anchor: str = ANCHOR) -> list[Path]:
-    """volumes.png (positives vs negatives) and projection.png (2-D PCA by modality) in ``output_dir``."""
+def plot_title(checkpoint: str, split: str, modalities: Sequence[str], n: int) -> str:
+    """The context line every figure carries: which checkpoint, on which split, which modalities, how many."""
+    return f"{checkpoint} | {split} | {'+'.join(modalities)} | N={n}"
+
+
+def save_plots(embeddings: Mapping[str, torch.Tensor], output_dir: str | Path, anchor: str = ANCHOR,
+               title: str = "") -> list[Path]:
+    """volumes.png (positives vs negatives) and projection.png (2-D PCA by modality) in ``output_dir``; ``title``
+    (e.g. :func:`plot_title`) is printed under each figure's own title."""
     out = Path(output_dir)
     data = [embeddings[m] for m in embeddings if m != anchor]
     positives, negatives = pair_volumes(embeddings[anchor], *data)
-    return [plot_volume_histogram(positives, negatives, out / "volumes.png"),
-            plot_projection(pca_2d(embeddings), out / "projection.png")]
+    points, explained = principal_projection(embeddings, 2)
+    return [plot_volume_histogram(positives, negatives, out / "volumes.png", title),
+            plot_projection(points, out / "projection.png", explained, title)]

@@ -16,13 +16,18 @@ import torch
 PairScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _pair_scores(query_idx: torch.Tensor, cand_idx: torch.Tensor, fn: PairScoreFn, batch_size: int) -> torch.Tensor:
-    """Score P (query, candidate) pairs in batches: (P,), (P,) -> (P,) float64."""
+def _pair_scores(query_idx: torch.Tensor, cand_idx: torch.Tensor, fn: PairScoreFn, batch_size: int,
+                 progress: str | None = None) -> torch.Tensor:
+    """Score P (query, candidate) pairs in batches: (P,), (P,) -> (P,) float64; a progress bar titled ``progress``
+    unless it is None."""
+    from tqdm.auto import tqdm
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = []
+    starts = range(0, query_idx.numel(), batch_size)
     with torch.no_grad():
-        for start in range(0, query_idx.numel(), batch_size):
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             q, c = query_idx[start : start + batch_size], cand_idx[start : start + batch_size]
             scores = fn(q, c)
             if scores.shape != q.shape:
@@ -32,7 +37,8 @@ def _pair_scores(query_idx: torch.Tensor, cand_idx: torch.Tensor, fn: PairScoreF
     return torch.cat(out)
 
 
-def rerank_topk(scores: torch.Tensor, k: int, pair_score_fn: PairScoreFn, batch_size: int = 25) -> torch.Tensor:
+def rerank_topk(scores: torch.Tensor, k: int, pair_score_fn: PairScoreFn, batch_size: int = 25,
+                progress: str | None = None) -> torch.Tensor:
     """Replace each query's top-k scores by pairwise re-ranking scores.
 
     Args:
@@ -42,6 +48,7 @@ def rerank_topk(scores: torch.Tensor, k: int, pair_score_fn: PairScoreFn, batch_
             head's "match" probability. For the other direction call ``rerank_topk(scores.T, k, fn_swapped)``
             where ``fn_swapped(v, t) = fn(t, v)``.
         batch_size: pairs per ``pair_score_fn`` call.
+        progress: the title of a progress bar over the pair batches (None: no bar).
     Returns:
         (Nq, Nc) float64 scores: the top-k entries of each row hold the pair scores; every other entry is
         ``original - row_max + (row_min_pair_score - 1)``, i.e. strictly below all of the row's re-ranked
@@ -57,7 +64,7 @@ def rerank_topk(scores: torch.Tensor, k: int, pair_score_fn: PairScoreFn, batch_
     base = scores.detach().to("cpu", torch.float64)  # (Nq, Nc)
     top = base.topk(k, dim=1).indices  # (Nq, k)
     query_idx = torch.arange(n_q).unsqueeze(1).expand(n_q, k)  # (Nq, k)
-    pair = _pair_scores(query_idx.reshape(-1), top.reshape(-1), pair_score_fn, batch_size).view(n_q, k)
+    pair = _pair_scores(query_idx.reshape(-1), top.reshape(-1), pair_score_fn, batch_size, progress).view(n_q, k)
     if torch.isnan(pair).any():
         raise ValueError("pair_score_fn returned NaN; cannot rank those pairs")
     # Shift the whole row so its best non-re-ranked score sits 1 below its worst re-ranked score.

@@ -60,7 +60,9 @@ def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, 
 
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in (*modalities, "condition")}
     loader = eval_loader(dataset, collate, batch_size, num_workers)
-    for batch in tqdm(loader, desc="embed test items", disable=not progress, leave=False):
+    bar = tqdm(loader, desc=f"evaluate: embed {len(dataset)} clips", unit="batch", leave=False,
+               disable=not (progress and dist.is_main_process()))
+    for batch in bar:
         batch = move_to(batch, device)
         tokens = {m: model.encode_tokens(m, batch[m]) for m in modalities}
         for m in modalities:
@@ -117,7 +119,8 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
     if rerank:  # a separate row: embedding-only and re-ranked numbers are never mixed
         tokens = collate.tokenize(captions, collate.max_text_len)
         results["volume+dam"] = dam_reranked_metrics(model, text, [items[m] for m in modalities], owners,
-                                                     items["condition"], move_to(tokens, device), cfg)
+                                                     items["condition"], move_to(tokens, device), cfg,
+                                                     progress=progress and dist.is_main_process())
     model.train(was_training)
     return {"scorings": results, "modalities": ["text", *modalities], "caption_protocol": cfg.caption_protocol,
             "n_videos": len(dataset), "n_captions": len(captions), "n_annotated": dataset.num_annotated,
@@ -126,8 +129,10 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
 
 @torch.no_grad()
 def dam_reranked_metrics(model: GramModel, text: torch.Tensor, data: list[torch.Tensor], owners: list[int],
-                         condition: torch.Tensor, tokens: dict[str, torch.Tensor], cfg: EvalConfig) -> dict[str, float]:
-    """Both directions after re-ranking each query's top-`rerank_k` volume candidates by the matching head.
+                         condition: torch.Tensor, tokens: dict[str, torch.Tensor], cfg: EvalConfig,
+                         progress: bool = False) -> dict[str, float]:
+    """Both directions after re-ranking each query's top-`rerank_k` volume candidates by the matching head
+    (with progress bars when ``progress``).
 
     text (Nt, D), data [(Nv, D)], condition (Nv, Lc, H), tokens {"input_ids", "attention_mask"}: (Nt, L).
     """
@@ -138,8 +143,10 @@ def dam_reranked_metrics(model: GramModel, text: torch.Tensor, data: list[torch.
         logits = model.match(tokens["input_ids"][t], tokens["attention_mask"][t], condition[v])  # (P, 2)
         return logits.float().softmax(dim=-1)[:, 1]
 
-    t2v = rerank_topk(scores, cfg.rerank_k, match_probability)
-    v2t = rerank_topk(scores.T, cfg.rerank_k, lambda v, t: match_probability(t, v))
+    bar = "evaluate: DAM re-rank top-{} {}".format
+    t2v = rerank_topk(scores, cfg.rerank_k, match_probability, progress=bar(cfg.rerank_k, "t2v") if progress else None)
+    v2t = rerank_topk(scores.T, cfg.rerank_k, lambda v, t: match_probability(t, v),
+                      progress=bar(cfg.rerank_k, "v2t") if progress else None)
     videos_of_text = [[j] for j in owners]
     texts_of_video = [[] for _ in range(scores.shape[1])]
     for i, j in enumerate(owners):

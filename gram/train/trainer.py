@@ -82,6 +82,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+# Step metrics that are not parts of the task's loss (the bar shows them last, in their own format).
+NOT_LOSS_PARTS = ("lr", "batch", "samples_per_s")
+
+
+def bar_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's fields: the total loss, each loss part the task returns (e.g. contrastive, dam) and
+    other task scalars (temperature), then lr and samples/s."""
+    parts = {k: f"{v:.4g}" for k, v in metrics.items() if k != "loss" and k not in NOT_LOSS_PARTS}
+    return {"loss": f"{metrics['loss']:.4g}", **parts, "lr": f"{metrics['lr']:.1e}",
+            "sps": f"{metrics['samples_per_s']:.0f}"}
+
+
 class Trainer:
     def __init__(self, cfg: GramConfig, task: nn.Module, stream, device: torch.device, config_dict: dict,
                  output_dir: str, evaluate: Callable[[], dict[str, Any]] | None = None, logger=None):
@@ -285,9 +297,8 @@ class Trainer:
                 now = time.perf_counter()
                 metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
                 last_time = now
+                bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
-                                sps=f"{metrics['samples_per_s']:.0f}")
                 self._log(metrics)
                 self.checkpoint_and_evaluate(final=False)
         bar.close()
