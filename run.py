@@ -6,7 +6,7 @@ Launch on several processes with `torchrun --nproc_per_node N run.py ...`.
 import hydra
 from omegaconf import DictConfig
 
-from gram.cli import prepare_argv, run_with_clear_errors
+from gram.cli import run_with_clear_errors
 from gram.config import register_configs
 from gram.main import run
 
@@ -19,5 +19,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    prepare_argv()
     main()

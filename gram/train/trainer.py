@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from gram import distributed as dist
+from gram.cli import UserError
 from gram.config import GramConfig
 from gram.eval.retrieval import move_to
 from gram.train import checkpoint as ckpt
 from gram.train.engine import build_engine
-from gram.train.launch import all_reduce_min
+from gram.train.launch import all_reduce_min, any_rank, barrier, first_error
+from gram.train.logger import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,17 @@ class TooManyFailedSamplesError(RuntimeError):
 
 
 class StopRequest:
-    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly."""
+    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly. A second
+    Ctrl-C stops at once without saving (the checkpoints already written stay); repeated SIGTERMs (the cluster
+    and torchrun both forward one) change nothing."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,8 +58,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal_name is None:
+            again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+            log.warning("received %s: saving a checkpoint after this step, then stopping%s", name, again)
+            self.signal_name = name
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -67,6 +80,10 @@ class Trainer:
         self.engine = build_engine(task, self.tcfg, device, stream.micro_batch)
         self.step, self.bad_steps, self.best = 0, 0, -math.inf
         self.samples_seen, self.samples_failed, self.failed_paths = 0, 0, set()
+        # The checkpoint this run last saved or resumed from; why it stopped before max_steps, if it did
+        # ("SIGTERM", "SIGINT", "trainer.stop_after_steps").
+        self.last_checkpoint: Path | None = None
+        self.stopped_by: str | None = None
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -75,35 +92,67 @@ class Trainer:
                 "world_size": dist.get_world_size()}
 
     def resume(self) -> bool:
+        """Continue from the newest readable checkpoint; damaged newer ones are set aside with a warning."""
         found = ckpt.list_checkpoints(self.output_dir)
         if not found:
             log.info("trainer.resume=true but %s has no checkpoint: starting from scratch", self.output_dir)
+            self.truncate_history()
             return False
-        folder = ckpt.load_weights(self.task, found[-1])
-        state, rng = ckpt.load_train_state(folder)
+        damaged: list[tuple[Path, str]] = []
+        for folder in reversed(found):
+            error = None
+            try:  # the whole checkpoint is read before anything is applied
+                state, rng = ckpt.load_train_state(folder)
+                ckpt.load_weights(self.task, folder)
+            except ckpt.DamagedCheckpointError as exc:
+                error = str(exc)
+            error = first_error(error)  # every rank resumes from the same checkpoint
+            if error is None:
+                break
+            damaged.append((folder, error))
+        else:
+            raise UserError(f"no readable checkpoint in {ckpt.checkpoint_root(self.output_dir)}: "
+                            f"{'; '.join(e for _, e in damaged)}; start anew in a new output_dir")
+        self._set_aside(damaged, folder)
         self.engine.load_state_dict(state["engine"])
         self.engine.load_extra(folder)
         self.stream.load_state(state["data"])
         self.step, self.best = state["step"], state["best"]
-        self.samples_seen, self.samples_failed = state["samples_seen"], state["samples_failed"]
-        if rng is not None and state["world_size"] == dist.get_world_size():
+        self.samples_seen, self.samples_failed = state.get("samples_seen", 0), state.get("samples_failed", 0)
+        if rng is not None and state.get("world_size") == dist.get_world_size():
             ckpt.set_rng_state(rng)
         else:
             log.warning("world size changed since the checkpoint: RNG streams restart (the run is not bitwise exact)")
-        self._truncate_history()
+        self.truncate_history()
+        self.last_checkpoint = folder
         log.info("resumed from %s at step %d", folder, self.step)
         return True
 
-    def _truncate_history(self) -> None:
-        """Steps logged after the checkpoint we resume from will be redone: drop them from metrics.jsonl."""
+    def _set_aside(self, damaged: list[tuple[Path, str]], good: Path) -> None:
+        for folder, error in damaged:
+            kept = ckpt.set_aside_damaged(folder) if dist.is_main_process() else folder
+            log.warning("checkpoint %s is damaged (%s): resuming from the previous good one, %s; the damaged one "
+                        "is kept as %s", folder, error, good, kept.name)
+        if damaged:
+            barrier()
+
+    def truncate_history(self) -> None:
+        """Steps logged after the checkpoint we resume from (all of them for a fresh run) will be redone: drop
+        them from metrics.jsonl, with any line a crash cut short."""
         path = Path(self.output_dir) / "metrics.jsonl"
         if dist.is_main_process() and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            records = read_metrics(path)
+            kept = [r for r in records if r["step"] <= self.step]
+            if len(kept) < len(records):
+                log.info("%s: dropped the %d records after step %d (redone now)", path, len(records) - len(kept),
+                         self.step)
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def save(self, best: bool = False) -> None:
-        ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
-                             keep_last=self.tcfg.keep_last, best=best, save_extra=self.engine.save_extra)
+    def save(self, best: bool = False) -> Path:
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.output_dir, self.step, self.task, self.config_dict, self.state_dict(), keep_last=self.tcfg.keep_last,
+            best=best, save_extra=self.engine.save_extra)
+        return self.last_checkpoint
 
     # ------------------------------------------------------------------------------------------ steps
     def _micro_batches(self) -> list[dict[str, Any]]:
@@ -186,7 +235,7 @@ class Trainer:
         self.task.train()
         result, last_time = None, time.perf_counter()
         with StopRequest() as stop:
-            while self.step < stop_at and not stop.requested:
+            while self.step < stop_at and not any_rank(stop.requested):  # all ranks stop after the same step
                 metrics = self.train_step()
                 now = time.perf_counter()
                 metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
@@ -200,6 +249,8 @@ class Trainer:
                     self.save(best=bool(result and result["_improved"]))
         bar.close()
         finished = self.step >= self.tcfg.max_steps
+        if not finished:
+            self.stopped_by = stop.signal_name or ("a signal" if self.step < stop_at else "trainer.stop_after_steps")
         result = self.maybe_evaluate(final=True) if finished else None
         self.save(best=bool(result and result["_improved"]))
         return result
