@@ -69,6 +69,7 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
     assert callable(leave_signals_to_main)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_to_the_process_group_saves_and_the_printed_command_resumes(sig, sample_root, tmp_path):
     """SIGTERM from SLURM / `kill -- -PGID`, or Ctrl-C, reach the loader workers too: the run still saves."""
@@ -152,6 +153,7 @@ def test_the_default_output_dir_is_claimed_for_the_launch(tmp_path):
     assert folders[0][1] != folders[1][1]  # each claimed by its own process
 
 
+@pytest.mark.slow
 def test_multirun_gives_every_job_its_own_folder(sample_root, tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", *sample_overrides(
@@ -272,3 +274,28 @@ def test_resume_command_keeps_overrides_and_drops_the_stop_point():
                                                   "trainer.stop_after_steps=4", "output_dir=/old", "trainer.resume=false"])
     assert shlex.split(command) == ["python", "run.py", "trainer.max_steps=9", "model.modalities=[video,audio]",
                                     "output_dir=/runs/a b", "trainer.resume=true"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_group_saves_on_every_rank(sample_root, tmp_path):
+    """torchrun, 2 gloo ranks with loader workers: all ranks stop after the same step and save one checkpoint.
+    (The torchrun agent itself reports the signal with a traceback of its own; gram's processes print none.)"""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=100000", "data.batch_size=8",
+                                                   "data.num_workers=1"), f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    last = read_metrics(metrics)[-1]["step"]
+    saved = list_checkpoints(out)
+    assert [p.name for p in saved] == [f"step_{last:08d}"], stderr[-3000:]
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saved[0].iterdir()}
+    assert "resume with: torchrun --nproc_per_node 2 run.py" in stdout + stderr
+    assert f'File "{ROOT / "gram"}' not in stderr and "killed by signal" not in stderr
