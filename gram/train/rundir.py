@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -24,6 +25,8 @@ from pathlib import Path
 import psutil
 
 from gram.cli import UserError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 CLAIM_LINK = ".claim"  # a symlink whose target is the key of the job that claimed a default folder
@@ -82,6 +85,11 @@ class RunLock:
             os.close(fd)
             raise UserError(f"output_dir {self.output_dir} is in use by another run ({holder}); wait for it to "
                             f"finish, or choose another output_dir") from None
+        except OSError as error:  # a file system without locks (some network mounts): run, but say so
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing stops a second run from using this folder at the same time",
+                        self.path, error.strerror or error)
+            return
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)

@@ -130,7 +130,9 @@ class Trainer:
 
     def _set_aside(self, damaged: list[tuple[Path, str]], good: Path) -> None:
         for folder, error in damaged:
-            kept = ckpt.set_aside_damaged(folder) if dist.is_main_process() else folder
+            if not dist.is_main_process():
+                continue
+            kept = ckpt.set_aside_damaged(folder)
             log.warning("checkpoint %s is damaged (%s): resuming from the previous good one, %s; the damaged one "
                         "is kept as %s", folder, error, good, kept.name)
         if damaged:
