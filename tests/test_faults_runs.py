@@ -232,6 +232,8 @@ def test_a_half_written_metrics_line_does_not_block_resume(copy_of_run, sample_r
     with caplog.at_level(logging.INFO):
         _resume(sample_root, copy_of_run, "trainer.stop_after_steps=3")
     assert f"{metrics} line 3 is incomplete" in caplog.text
+    assert (f"stopped at step 3 by trainer.stop_after_steps; checkpoint {copy_of_run / 'checkpoints' / 'step_00000003'}"
+            f"; resume with: python run.py output_dir={copy_of_run} trainer.resume=true") in caplog.text
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3]
     assert all(json.loads(line) for line in metrics.read_text().splitlines())
 
