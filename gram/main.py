@@ -161,6 +161,19 @@ def own_output_dir(cfg: GramConfig, output_dir: Path) -> rundir.RunLock:
     return lock
 
 
+def _save_hydra_record(config_dict: dict[str, Any], output_dir: Path) -> None:
+    """What Hydra's `output_subdir` would hold (the job config, Hydra's config, the overrides), written once this
+    run owns the folder."""
+    hydra_cfg = _hydra()
+    if hydra_cfg is None:
+        return
+    record = output_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    for name, node in (("config.yaml", config_dict), ("hydra.yaml", {"hydra": hydra_cfg}),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        (record / name).write_text(OmegaConf.to_yaml(node))
+
+
 def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +181,7 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     try:
         if dist.is_main_process():
             log.info("output folder: %s", output_dir.resolve())
+            _save_hydra_record(config_dict, output_dir)
         return _run_owned(cfg, config_dict, output_dir)
     finally:
         lock.release()

@@ -119,6 +119,7 @@ def test_a_second_run_in_a_held_folder_fails_at_once_naming_folder_and_holder(sa
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and str(out) in errors[0] and f"pid {os.getpid()}" in errors[0]
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert not (out / ".hydra").exists()  # the live run's record is never overwritten
     rundir.RunLock(out).acquire()  # released: the folder is free again
 
 
@@ -166,7 +167,7 @@ def test_multirun_gives_every_job_its_own_folder(sample_root, tmp_path):
         assert result["checkpoint"] == str(folder / "checkpoints" / f"step_{steps:08d}")
         assert _steps(folder) == [f"step_{steps:08d}"]
         assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == list(range(1, steps + 1))
-        assert (folder / "run.log").exists()
+        assert (folder / "run.log").exists() and (folder / ".hydra" / "overrides.yaml").exists()
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
