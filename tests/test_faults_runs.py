@@ -302,3 +302,44 @@ def test_sigterm_to_a_torchrun_group_saves_on_every_rank(sample_root, tmp_path):
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saved[0].iterdir()}
     assert "resume with: torchrun --nproc_per_node 2 run.py" in stdout + stderr
     assert f'File "{ROOT / "gram"}' not in stderr and "killed by signal" not in stderr
+
+
+def _save_with_a_failing_rank(rank: int, world: int, port: int, out: str, queue) -> None:
+    import torch
+    import torch.distributed as torch_dist
+
+    from gram.train import checkpoint as ckpt
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    module = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(out, 1, module, {}, {"step": 1}, keep_last=3)
+    if rank == 1:  # this rank's disk fills while it writes its RNG state
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        ckpt.torch.save = full
+    try:
+        ckpt.save_checkpoint(out, 2, module, {}, {"step": 2}, keep_last=3)
+        queue.put((rank, "saved"))
+    except ckpt.CheckpointSaveError as error:
+        queue.put((rank, str(error)))
+    torch_dist.destroy_process_group()
+
+
+def test_a_save_failing_on_one_rank_fails_on_every_rank_and_keeps_the_earlier_checkpoint(tmp_path):
+    """No rank waits forever for a rank whose disk is full: all raise the failing rank's one-line reason."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_save_with_a_failing_rank, args=(r, 2, 29561, str(tmp_path), queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert results[rank].startswith(f"could not save checkpoint {tmp_path / 'checkpoints' / 'step_00000002'}: "
+                                        "no space left on device"), results
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
