@@ -25,7 +25,8 @@ ARGS_HASH=$(printf '%s\n' "$@" | sha1sum | cut -c1-8)
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/slurm/${EXPERIMENT}-${ARGS_HASH}${SLURM_ARRAY_TASK_ID:+_task${SLURM_ARRAY_TASK_ID}}}
 echo "gram: output folder $OUTPUT_DIR"
 
+# --shutdown-timeout: torchrun forwards the SIGTERM and gives its workers this long to save before SIGKILL.
 srun torchrun \
-  --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+  --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" --shutdown-timeout 110 \
   --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
   run.py output_dir="$OUTPUT_DIR" trainer.resume=true "$@"

@@ -41,10 +41,15 @@ class TooManyFailedSamplesError(RuntimeError):
 class StopRequest:
     """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly. A second
     Ctrl-C stops at once without saving (the checkpoints already written stay); repeated SIGTERMs (the cluster
-    and torchrun both forward one) change nothing."""
+    and torchrun both send one) change nothing."""
+
+    # torchrun forwards the Ctrl-C its own process got, so a worker sees two at once: only a SIGINT later than
+    # this after the first is a second Ctrl-C.
+    REPEAT_AFTER_S = 2.0
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -59,12 +64,12 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         if self.signal_name is None:
             again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
             log.warning("received %s: saving a checkpoint after this step, then stopping%s", name, again)
-            self.signal_name = name
+            self.signal_name, self._first_at = name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_AFTER_S:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
