@@ -343,3 +343,22 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank_and_keeps_the_earlier_ch
         assert results[rank].startswith(f"could not save checkpoint {tmp_path / 'checkpoints' / 'step_00000002'}: "
                                         "no space left on device"), results
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_stop_request_counts_a_second_ctrl_c_only_after_a_pause(monkeypatch):
+    from gram.train.trainer import StopRequest
+
+    with StopRequest() as stop:  # the terminal's SIGINT and torchrun's forwarded copy arrive together
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGINT"
+    monkeypatch.setattr(StopRequest, "REPEAT_AFTER_S", 0.0)
+    with pytest.raises(KeyboardInterrupt), StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
+        assert stop.signal_name == "SIGTERM"
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # a later Ctrl-C stops at once
+        time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
