@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 CLAIM_LINK = ".claim"  # a symlink whose target is the key of the job that claimed a default folder
-METRICS = "metrics.jsonl"
 
 
 def job_key(launcher_pid: int) -> str:
@@ -69,7 +68,8 @@ def claim_default_folder(base: Path, key: str, max_tries: int = 1000) -> Path:
 
 
 class RunLock:
-    """Hold `<output_dir>/.lock` exclusively while the run lives; `holder` is the JSON the holder wrote."""
+    """Hold `<output_dir>/.lock` exclusively while the run lives; the file says who holds it (pid, host, start,
+    command) for the message a second run gets. The kernel releases the lock when the holder dies, however."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)
