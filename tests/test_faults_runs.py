@@ -326,6 +326,7 @@ def _save_with_a_failing_rank(rank: int, world: int, port: int, out: str, queue)
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_one_rank_fails_on_every_rank_and_keeps_the_earlier_checkpoint(tmp_path):
     """No rank waits forever for a rank whose disk is full: all raise the failing rank's one-line reason."""
     import torch.multiprocessing as mp
