@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gram.cli import prepare_argv, run_with_clear_errors
+from gram.cli import run_with_clear_errors
 from gram.config import check_overrides, register_configs
 from gram.main import run
 
@@ -23,6 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    prepare_argv()
     run_with_clear_errors(lambda: check_overrides(sys.argv[1:], CONFIGS))  # before Hydra's `+key=` advice
     main()

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 from torch import nn
+
+from gram.cli import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,15 @@ WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.
 
 class CheckpointNotFoundError(FileNotFoundError):
     pass
+
+
+class DamagedCheckpointError(UserError):
+    """A checkpoint file that cannot be read (cut short by a crash or a full disk, overwritten, not ours)."""
+
+
+def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return DamagedCheckpointError(f"{path} is damaged or unreadable ({type(error).__name__}: {reason[:200]})")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -63,12 +75,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_config(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((resolve_checkpoint(checkpoint) / CONFIG).read_text())
+    path = resolve_checkpoint(checkpoint) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(path, error) from None
 
 
 def load_weights(module: nn.Module, checkpoint: str | Path, strict: bool = True) -> Path:
     folder = resolve_checkpoint(checkpoint)
-    missing, unexpected = load_model(module, folder / WEIGHTS, strict=strict)
+    try:
+        missing, unexpected = load_model(module, folder / WEIGHTS, strict=strict)
+    except SafetensorError as error:
+        raise damaged(folder / WEIGHTS, error) from None
     if missing or unexpected:
         log.warning("loading %s: missing %s, unexpected %s", folder, missing, unexpected)
     return folder

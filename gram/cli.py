@@ -1,10 +1,9 @@
-"""Command-line glue around Hydra: one output folder per torchrun job, and errors as one clear line."""
+"""Command-line glue: errors as one clear line."""
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 
 
@@ -16,25 +15,11 @@ class UserError(Exception):
 # Errors caused by the user's input; shown as one line unless GRAM_DEBUG=1 or HYDRA_FULL_ERROR=1.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C
 
 
 def debugging() -> bool:
     return os.environ.get("GRAM_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def prepare_argv(argv: list[str] | None = None) -> None:
-    """Under torchrun every rank must write into the same output_dir: derive it from the launcher's start time.
-
-    All ranks on a node share the torchrun agent as parent process; multi-node runs should pass output_dir=
-    on a shared file system.
-    """
-    argv = sys.argv if argv is None else argv
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("output_dir=") for a in argv[1:]):
-        return
-    import psutil
-
-    started = psutil.Process(os.getppid()).create_time()
-    argv.append("output_dir=outputs/" + time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started)))
 
 
 def run_with_clear_errors(fn: Callable[[], object]) -> object:
@@ -48,3 +33,9 @@ def run_with_clear_errors(fn: Callable[[], object]) -> object:
         message = " ".join(str(error).split("\n")) or type(error).__name__
         print(f"error: {message}  (set GRAM_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops by itself), or twice in it
+        if debugging():
+            raise
+        print("interrupted: stopped without saving; the checkpoints already written are kept", file=sys.stderr,
+              flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -308,7 +308,9 @@ class LoggerConfig:
 class GramConfig:
     mode: str = "train"  # train | test
     checkpoint: str | None = None  # a checkpoint file or an output dir (its latest checkpoint)
-    output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    # outputs/<date>/<HH-MM-SS> of the launch, with a suffix (_1, _2, ...) when another job took it (gram/train/rundir.py);
+    # under `-m` each job gets a subfolder named by its job number.
+    output_dir: str = "${unique_run_dir:outputs}"
     seed: int = 42
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -356,8 +358,12 @@ def without_pretrained(model_cfg: ModelConfig) -> ModelConfig:
 
 
 def register_configs() -> None:
-    """Register the schema so `configs/config.yaml` can extend it (idempotent)."""
+    """Register the schema so `configs/config.yaml` can extend it, and the `unique_run_dir` resolver (idempotent)."""
+    from gram.train.rundir import unique_run_dir
+
     ConfigStore.instance().store(name="gram_schema", node=GramConfig)
+    # Cached: every use of output_dir in one process (Hydra's job dir, the run, each -m job) names the same folder.
+    OmegaConf.register_new_resolver("unique_run_dir", unique_run_dir, use_cache=True, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------- unknown keys

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gram import distributed as dist
-from gram.cli import UserError
+from gram.cli import EXIT_USER_ERROR, UserError
 from gram.config import (
     GramConfig,
     LossConfig,
@@ -34,7 +34,7 @@ from gram.models.gram_model import GramModel
 from gram.pretrained import is_pretrained_name, resolve_model_source
 from gram.provenance import file_sha256, provenance, rounded
 from gram.train import checkpoint as ckpt
-from gram.train import launch
+from gram.train import launch, rundir
 from gram.train.logger import RunLogger
 from gram.train.task import GramTask
 from gram.train.trainer import Trainer
@@ -139,6 +139,7 @@ def flat_result(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg_node: DictConfig) -> dict[str, Any]:
+    use_job_folder(cfg_node)
     cfg = to_dataclass(cfg_node)
     launch.init_from_env()
     try:
@@ -148,9 +149,67 @@ def run(cfg_node: DictConfig) -> dict[str, Any]:
         launch.destroy()
 
 
+def _hydra() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def use_job_folder(cfg_node: DictConfig) -> None:
+    """Under `-m` every job writes into its own folder, Hydra's job dir (`<output_dir>/<job number>`, see
+    configs/config.yaml), never into the sweep's shared output_dir."""
+    from hydra.types import RunMode
+
+    hydra_cfg = _hydra()
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg_node.output_dir = hydra_cfg.runtime.output_dir
+
+
+def own_output_dir(cfg: GramConfig, output_dir: Path) -> rundir.RunLock:
+    """Collective: lock output_dir for this run (rank 0) and, for a fresh training run, refuse a folder holding
+    another run's checkpoints. Every rank fails together, with rank 0's one-line reason."""
+    lock, error = rundir.RunLock(output_dir), None
+    if dist.is_main_process():
+        try:
+            lock.acquire()
+            if cfg.mode == "train" and not cfg.trainer.resume:
+                rundir.refuse_foreign_checkpoints(output_dir)
+        except UserError as exc:
+            lock.release()
+            error = str(exc)
+    error = launch.first_error(error)
+    if error is not None:
+        raise UserError(error) if dist.is_main_process() else SystemExit(EXIT_USER_ERROR)
+    return lock
+
+
+def _save_hydra_record(config_dict: dict[str, Any], output_dir: Path) -> None:
+    """What Hydra's `output_subdir` would hold (the job config, Hydra's config, the overrides), written once this
+    run owns the folder."""
+    hydra_cfg = _hydra()
+    if hydra_cfg is None:
+        return
+    record = output_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    for name, node in (("config.yaml", config_dict), ("hydra.yaml", {"hydra": hydra_cfg}),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        (record / name).write_text(OmegaConf.to_yaml(node))
+
+
 def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock = own_output_dir(cfg, output_dir)
+    try:
+        if dist.is_main_process():
+            log.info("output folder: %s", output_dir.resolve())
+            _save_hydra_record(config_dict, output_dir)
+        return _run_owned(cfg, config_dict, output_dir)
+    finally:
+        lock.release()
+
+
+def _run_owned(cfg: GramConfig, config_dict: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.trainer.device)
     seed_everything(cfg.seed)
     if cfg.trainer.deterministic:
@@ -195,8 +254,14 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
                               evaluate=evaluate if test_set else None, logger=logger)
             if cfg.trainer.resume:
                 trainer.resume()
+            else:
+                trainer.truncate_history()  # lines of an earlier run here that saved no checkpoint
             result = trainer.fit()
-            source = ckpt.list_checkpoints(output_dir)[-1]
+            source = trainer.last_checkpoint  # this run's own, never an older run's
+            if trainer.stopped_by and dist.is_main_process():
+                overrides = list(_hydra().overrides.task) if _hydra() is not None else None
+                log.info("stopped at step %d by %s; checkpoint %s; resume with: %s", trainer.step,
+                         trainer.stopped_by, source, rundir.resume_command(output_dir, overrides))
         elif test_set is not None:
             result = evaluate()
         if result is not None:

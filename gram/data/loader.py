@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,6 +10,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from gram import distributed as dist
+
+
+def leave_signals_to_main(worker_id: int) -> None:
+    """`worker_init_fn` of every gram loader: SIGTERM and SIGINT sent to the whole process group (SLURM preemption,
+    `kill -- -PGID`, Ctrl-C in a terminal) are ignored by the workers and left to the main process, which finishes
+    the step, saves a checkpoint and shuts the workers down itself. A worker killed first would end the run with
+    "DataLoader worker ... killed by signal" and no checkpoint. Workers still end with the main process: they stop
+    on its shutdown message, and PyTorch's watchdog stops them when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ResumableSampler(DistributedSampler):
@@ -98,6 +109,7 @@ class TrainStream(EpochStream):
                 self.dataset, batch_size=self.micro_batch, sampler=self._sampler, drop_last=True,
                 num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
                 persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                worker_init_fn=leave_signals_to_main,
             )
         return iter(self._loader)
 
@@ -120,4 +132,5 @@ class ShardSampler(Sampler[int]):
 def eval_loader(dataset, collate: Callable, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=leave_signals_to_main,
                       generator=torch.Generator().manual_seed(0))  # leaves the global RNG untouched

@@ -57,7 +57,7 @@ from gram.config import DataConfig, DatasetConfig, ShardsConfig
 from gram.data.annotations import AnnotationRecord, resolve_media
 from gram.data.audio import MediaError
 from gram.data.dataset import ItemBuilder, _sample_seed
-from gram.data.loader import EpochStream
+from gram.data.loader import EpochStream, leave_signals_to_main
 
 log = logging.getLogger(__name__)
 
@@ -588,6 +588,6 @@ class ShardStream(EpochStream):
         loader = DataLoader(_ShardIterable(plan, self.decoder), batch_size=self.micro_batch,
                             num_workers=self.num_workers, collate_fn=self.collate, persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), worker_init_fn=leave_signals_to_main)
         return iter(loader)
 

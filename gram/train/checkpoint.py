@@ -7,10 +7,15 @@ corrupts the last good checkpoint.
         train_state.pt      optimizer, scheduler, grad scaler, step, data position, best metric
         rng_rank{r}.pt      RNG states of every rank
     <output_dir>/checkpoints/best -> the best step by the configured metric (a symlink)
+    <output_dir>/checkpoints/damaged_step_N/   a checkpoint found unreadable on resume, set aside (never resumed)
+
+A failed save (full disk) leaves no temporary folder; a damaged newest checkpoint is skipped on resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,19 +35,23 @@ from gram.checkpoint_format import (
     TRAIN_STATE,
     WEIGHTS,
     CheckpointNotFoundError,
+    DamagedCheckpointError,
     checkpoint_root,
+    damaged,
     list_checkpoints,
     load_weights,
     read_config,
     resolve_checkpoint,
     save_weights,
 )
-from gram.train.launch import barrier
+from gram.cli import UserError
+from gram.train.launch import first_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG", "TRAIN_STATE", "WEIGHTS", "CheckpointNotFoundError", "checkpoint_root", "list_checkpoints",
-           "load_weights", "read_config", "resolve_checkpoint", "save_weights", "save_checkpoint", "load_train_state",
+__all__ = ["CONFIG", "TRAIN_STATE", "WEIGHTS", "CheckpointNotFoundError", "DamagedCheckpointError",
+           "CheckpointSaveError", "checkpoint_root", "list_checkpoints", "load_weights", "read_config",
+           "resolve_checkpoint", "save_weights", "save_checkpoint", "load_train_state", "set_aside_damaged",
            "rng_state", "set_rng_state", "step_folder", "mark_best"]
 
 
@@ -65,28 +74,44 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
                     train_state: dict[str, Any], keep_last: int, best: bool = False,
                     save_extra: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank writes its RNG state (and `save_extra`'s per-rank files, e.g. DeepSpeed's
-    partitioned optimizer); rank 0 writes the rest, then renames the folder into place atomically."""
+    partitioned optimizer); rank 0 writes the rest, then renames the folder into place atomically.
+
+    A failed write on any rank (a full disk, a lost mount) removes the temporary folder and raises
+    `CheckpointSaveError` on every rank, naming the folder and the cause; the earlier checkpoints stay."""
     root = checkpoint_root(output_dir)
     final = step_folder(output_dir, step)
     tmp = root / f".tmp_step_{step:08d}"
-    if dist.is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
-    if save_extra is not None:
-        save_extra(tmp)
-    barrier()
-    if dist.is_main_process():
-        save_weights(module, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        torch.save(train_state, tmp / TRAIN_STATE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if best:
-            _point_best(root, final)
-        _prune(output_dir, keep_last)
-    barrier()
+    main = dist.is_main_process()
+
+    def prepare() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write_rank_files() -> None:
+        torch.save(rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
+        if save_extra is not None:
+            save_extra(tmp)
+
+    def write_and_publish() -> None:
+        if main:
+            save_weights(module, tmp / WEIGHTS)
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+            torch.save(train_state, tmp / TRAIN_STATE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if best:
+                _point_best(root, final)
+            _prune(output_dir, keep_last)
+
+    for phase in (prepare, write_rank_files, write_and_publish):
+        error = first_error(_attempt(phase, root))
+        if error is not None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSaveError(f"could not save checkpoint {final}: {error}; the earlier checkpoints in "
+                                      f"{root} are kept")
+    log.info("saved checkpoint at step %d: %s", step, final)
     return final
 
 
@@ -99,6 +124,36 @@ def mark_best(output_dir: str | Path, folder: Path) -> None:
     """Rank 0: point `checkpoints/best` at an already saved checkpoint (evaluated after it was saved)."""
     if dist.is_main_process():
         _point_best(checkpoint_root(output_dir), folder)
+
+
+class CheckpointSaveError(UserError):
+    pass
+
+
+def _attempt(write: Callable[[], None], root: Path) -> str | None:
+    """Run one phase of a save; None on success, else the cause in a few words."""
+    try:
+        write()
+        return None
+    except Exception as error:  # noqa: BLE001 - every write failure must become the one-line save error
+        return _write_failure(error, root)
+
+
+def _write_failure(error: Exception, root: Path) -> str:
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own error:
+    # look at the disk itself before repeating those.
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "no space left on device"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+        if free < LOW_DISK_BYTES:
+            return f"no space left on device ({free / 2**20:.0f} MiB free)"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror.lower()}" + (f" ({error.filename})" if error.filename else "")
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+LOW_DISK_BYTES = 16 * 2**20
 
 
 def _point_best(root: Path, target: Path) -> None:
@@ -117,9 +172,33 @@ def _prune(output_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(folder)
 
 
+TRAIN_STATE_KEYS = ("step", "engine", "data", "best")
+
+
 def load_train_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(train state, this rank's RNG state or None when the world size changed)."""
-    state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=False)
+    """(train state, this rank's RNG state or None when the world size changed); `DamagedCheckpointError` naming
+    the file when one cannot be read."""
+    state = _load_pickle(folder / TRAIN_STATE)
+    if not isinstance(state, dict) or any(k not in state for k in TRAIN_STATE_KEYS):
+        raise DamagedCheckpointError(f"{folder / TRAIN_STATE} is damaged or not a gram train state "
+                                     f"(it lacks {', '.join(TRAIN_STATE_KEYS)})")
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+    rng = _load_pickle(rng_file) if rng_file.exists() else None
     return state, rng
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and EOF errors alike mean an unreadable file
+        raise damaged(path, error) from None
+
+
+def set_aside_damaged(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the step sequence (kept for inspection, never resumed or pruned)."""
+    target = folder.with_name(f"damaged_{folder.name}")
+    n = 1
+    while target.exists():
+        target, n = folder.with_name(f"damaged_{folder.name}_{n}"), n + 1
+    os.replace(folder, target)
+    return target

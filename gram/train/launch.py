@@ -41,3 +41,29 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_initialized():
         torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
     return x
+
+
+def _flag_device() -> torch.device:
+    """Where a collective's small tensor must live: NCCL only reduces CUDA tensors."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: true on every rank when it is true on any (e.g. a stop signal that reached one rank first)."""
+    if not torch_dist.is_initialized():
+        return flag
+    x = torch.tensor([float(flag)], device=_flag_device())
+    torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
+    return bool(x.item() > 0)
+
+
+def first_error(message: str | None) -> str | None:
+    """Collective: the error message of the lowest rank that has one, or None when every rank succeeded, so that
+    all ranks fail together instead of waiting for a rank that has stopped."""
+    if not torch_dist.is_initialized():
+        return message
+    messages: list[str | None] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)

@@ -7,6 +7,7 @@ command that uploads them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -90,3 +91,20 @@ class RunLogger:
             self.run = None
             if self.sync_command:
                 log.info("wandb: upload this offline run with: %s", self.sync_command)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`; a line that does not parse (a write cut short by a kill or a full disk)
+    is dropped with a warning naming the file and line, so it never blocks a resume."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if line.strip():
+                log.warning("%s line %d is incomplete or not a metrics record: dropped (%.60r)", path, number, line)
+            continue
+        records.append(record)
+    return records

@@ -25,7 +25,8 @@ from gram.data.dataset import TooManyFailedSamplesError, shown_ids
 from gram.eval.retrieval import move_to
 from gram.train import checkpoint as ckpt
 from gram.train.engine import build_engine
-from gram.train.launch import all_reduce_sum
+from gram.train.launch import all_reduce_sum, any_rank, barrier, first_error
+from gram.train.logger import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,22 @@ def non_finite_ids(batch: dict[str, Any]) -> list[str]:
 
 
 class StopRequest:
-    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly."""
+    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C): finish the current step, save, exit cleanly. A second
+    Ctrl-C stops at once without saving (the checkpoints already written stay); repeated SIGTERMs (the cluster
+    and torchrun both send one) change nothing."""
+
+    # torchrun forwards the Ctrl-C its own process got, so a worker sees two at once: only a SIGINT later than
+    # this after the first is a second Ctrl-C.
+    REPEAT_AFTER_S = 2.0
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,8 +86,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+            log.warning("received %s: saving a checkpoint after this step, then stopping%s", name, again)
+            self.signal_name, self._first_at = name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_AFTER_S:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -109,6 +126,10 @@ class Trainer:
         self.missing_fraction = getattr(getattr(stream, "dataset", None), "missing_fraction", 0.0)
         self._saved_step = -1
         self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
+        # The checkpoint this run last saved or resumed from; why it stopped before max_steps, if it did
+        # ("SIGTERM", "SIGINT", "trainer.stop_after_steps").
+        self.last_checkpoint: Path | None = None
+        self.stopped_by: str | None = None
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -117,39 +138,72 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "world_size": dist.get_world_size()}
 
     def resume(self) -> bool:
+        """Continue from the newest readable checkpoint; damaged newer ones are set aside with a warning."""
         found = ckpt.list_checkpoints(self.output_dir)
         if not found:
             log.info("trainer.resume=true but %s has no checkpoint: starting from scratch", self.output_dir)
+            self.truncate_history()
             return False
-        folder = ckpt.load_weights(self.task, found[-1])
-        state, rng = ckpt.load_train_state(folder)
+        damaged: list[tuple[Path, str]] = []
+        for folder in reversed(found):
+            error = None
+            try:  # the whole checkpoint is read before anything is applied
+                state, rng = ckpt.load_train_state(folder)
+                ckpt.load_weights(self.task, folder)
+            except ckpt.DamagedCheckpointError as exc:
+                error = str(exc)
+            error = first_error(error)  # every rank resumes from the same checkpoint
+            if error is None:
+                break
+            damaged.append((folder, error))
+        else:
+            raise UserError(f"no readable checkpoint in {ckpt.checkpoint_root(self.output_dir)}: "
+                            f"{'; '.join(e for _, e in damaged)}; start anew in a new output_dir")
+        self._set_aside(damaged, folder)
         self.engine.load_state_dict(state["engine"])
         self.engine.load_extra(folder)
         self.stream.load_state(state["data"])
         self.step, self.best = state["step"], state["best"]
-        self.samples_seen, self.samples_failed = state["samples_seen"], state["samples_failed"]
+        self.samples_seen, self.samples_failed = state.get("samples_seen", 0), state.get("samples_failed", 0)
         self.skipped_steps, self._saved_step = state.get("skipped_steps", 0), self.step
         self.best = max(self.best, _evaluated_metric(folder, self.tcfg.best_metric))
-        if rng is not None and state["world_size"] == dist.get_world_size():
+        if rng is not None and state.get("world_size") == dist.get_world_size():
             ckpt.set_rng_state(rng)
         else:
             log.warning("world size changed since the checkpoint: RNG streams restart (the run is not bitwise exact)")
-        self._truncate_history()
+        self.truncate_history()
+        self.last_checkpoint = folder
         log.info("resumed from %s at step %d", folder, self.step)
         return True
 
-    def _truncate_history(self) -> None:
-        """Steps logged after the checkpoint we resume from will be redone: drop them from metrics.jsonl."""
+    def _set_aside(self, damaged: list[tuple[Path, str]], good: Path) -> None:
+        for folder, error in damaged:
+            if not dist.is_main_process():
+                continue
+            kept = ckpt.set_aside_damaged(folder)
+            log.warning("checkpoint %s is damaged (%s): resuming from the previous good one, %s; the damaged one "
+                        "is kept as %s", folder, error, good, kept.name)
+        if damaged:
+            barrier()
+
+    def truncate_history(self) -> None:
+        """Steps logged after the checkpoint we resume from (all of them for a fresh run) will be redone: drop
+        them from metrics.jsonl, with any line a crash cut short."""
         path = Path(self.output_dir) / "metrics.jsonl"
         if dist.is_main_process() and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            records = read_metrics(path)
+            kept = [r for r in records if r["step"] <= self.step]
+            if len(kept) < len(records):
+                log.info("%s: dropped the %d records after step %d (redone now)", path, len(records) - len(kept),
+                         self.step)
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self, best: bool = False) -> Path:
-        folder = ckpt.save_checkpoint(self.output_dir, self.step, self.task, self.config_dict, self.state_dict(),
-                                      keep_last=self.tcfg.keep_last, best=best, save_extra=self.engine.save_extra)
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.output_dir, self.step, self.task, self.config_dict, self.state_dict(), keep_last=self.tcfg.keep_last,
+            best=best, save_extra=self.engine.save_extra)
         self._saved_step = self.step
-        return folder
+        return self.last_checkpoint
 
     # ------------------------------------------------------------------------------------------ steps
     def _micro_batches(self) -> list[dict[str, Any]]:
@@ -287,7 +341,7 @@ class Trainer:
         self.task.train()
         last_time = time.perf_counter()
         with StopRequest() as stop:
-            while self.step < stop_at and not stop.requested:
+            while self.step < stop_at and not any_rank(stop.requested):  # all ranks stop after the same step
                 try:
                     metrics = self.train_step()
                 except (NonFiniteLossError, TooManyFailedSamplesError) as error:
@@ -306,6 +360,7 @@ class Trainer:
             log.warning("%d step(s) were skipped for a non-finite loss or gradient", self.skipped_steps)
         if self.step >= self.tcfg.max_steps:
             return self.checkpoint_and_evaluate(final=True)
+        self.stopped_by = stop.signal_name or ("a signal" if self.step < stop_at else "trainer.stop_after_steps")
         if self._saved_step != self.step:  # stopped early: save, evaluate later
             self.save()
         return None
