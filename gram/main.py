@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gram import distributed as dist
-from gram.config import GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
+from gram.checkpoint_format import TokenizerNotFoundError, tokenizer_location
+from gram.config import DataConfig, GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
 from gram.data.tokenizer import load_tokenizer
@@ -92,11 +94,44 @@ def task_from_checkpoint(folder: Path, tokenizer) -> GramTask:
     return task
 
 
+# Data settings a checkpoint's weights were trained for: in mode=test they come from the checkpoint, whatever the
+# command line's data config says (the vocabulary, and the input sizes the encoders expect).
+MODEL_BOUND_DATA_KEYS = ("image_size", "audio_mel_bins", "audio_target_length")
+
+
+def data_bound_to_checkpoint(data: DataConfig, folder: Path) -> DataConfig:
+    """``data`` with the checkpoint's vocabulary (inside its folder) and :data:`MODEL_BOUND_DATA_KEYS`."""
+    saved = ckpt.read_config(folder)
+    changes: dict[str, Any] = {k: v for k, v in (saved.get("data") or {}).items() if k in MODEL_BOUND_DATA_KEYS}
+    vision = (saved.get("model") or {}).get("vision") or {}
+    if "image_size" not in changes and "image_size" in vision:
+        changes["image_size"] = vision["image_size"]
+    vocab = checkpoint_vocabulary(folder)
+    if vocab is not None:
+        changes["tokenizer"] = vocab
+    differ = {k: (getattr(data, k), v) for k, v in changes.items() if getattr(data, k) != v}
+    if differ:
+        log.info("from the checkpoint %s: %s", folder, ", ".join(f"data.{k}={v!r} (not {old!r})"
+                                                                  for k, (old, v) in differ.items()))
+    return dataclasses.replace(data, **changes)
+
+
+def checkpoint_vocabulary(folder: Path) -> str | None:
+    """The vocabulary a checkpoint carries (or names), or None when it cannot be found."""
+    try:
+        return str(tokenizer_location(folder))
+    except TokenizerNotFoundError as err:
+        log.warning("%s; using data.tokenizer instead", err)
+        return None
+
+
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
         if training and cfg.data.train and not cfg.data.shards else None
-    test = VideoTextDataset(cfg.data.test, cfg.data, mods, training=False, allow_missing=cfg.eval.allow_missing) \
+    # Evaluation reads only the modalities it scores (e.g. a T-VASD model evaluated as T-VAS needs no depth maps).
+    test_mods = cfg.eval.modalities or mods
+    test = VideoTextDataset(cfg.data.test, cfg.data, test_mods, training=False, allow_missing=cfg.eval.allow_missing) \
         if cfg.data.test else None
     return train, test
 
@@ -134,9 +169,14 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
         make_deterministic()
     torch.autograd.set_detect_anomaly(cfg.trainer.detect_anomaly)
     prepare_sample_data(cfg)
+    source = ckpt.resolve_checkpoint(cfg.checkpoint) if cfg.mode == "test" else None
+    if source is not None:
+        cfg.data = data_bound_to_checkpoint(cfg.data, source)
+    elif cfg.init_from:  # the model's word embeddings go with the checkpoint's own vocabulary
+        cfg.data.tokenizer = checkpoint_vocabulary(ckpt.resolve_checkpoint(cfg.init_from)) or cfg.data.tokenizer
+    config_dict.setdefault("data", {})["tokenizer"] = cfg.data.tokenizer  # what checkpoints copy inside
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
-    source = ckpt.resolve_checkpoint(cfg.checkpoint) if cfg.mode == "test" else None
     if source is not None:  # the model and loss are the checkpoint's own, whatever the command line says
         task = task_from_checkpoint(source, tokenizer)
         cfg.model, cfg.loss = task.model.cfg, task.loss.cfg

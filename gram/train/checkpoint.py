@@ -4,6 +4,7 @@ corrupts the last good checkpoint.
     <output_dir>/checkpoints/step_00000100/
         model.safetensors   weights of the task (model.* and loss.*)
         config.json         the resolved run config: rebuilds the right model with no extra flags
+        tokenizer/vocab.txt the run's vocabulary (config.json's data.tokenizer points here, relative)
         train_state.pt      optimizer, scheduler, grad scaler, step, data position, best metric
         rng_rank{r}.pt      RNG states of every rank
     <output_dir>/checkpoints/best -> the best step by the configured metric (a symlink)
@@ -11,7 +12,6 @@ corrupts the last good checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -36,6 +36,7 @@ from gram.checkpoint_format import (
     read_config,
     resolve_checkpoint,
     save_weights,
+    write_config,
 )
 from gram.train.launch import barrier
 
@@ -79,7 +80,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
     barrier()
     if dist.is_main_process():
         save_weights(module, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        write_config(tmp, config)  # config.json + the vocabulary inside the folder
         torch.save(train_state, tmp / TRAIN_STATE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
