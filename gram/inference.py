@@ -205,7 +205,8 @@ class GramPredictor:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
-               tokenizer: str | PathLike | None = None, batch_size: int = 32) -> GramPredictor:
+               tokenizer: str | PathLike | None = None, batch_size: int = 32,
+               model_config: str | PathLike | None = None) -> GramPredictor:
     """A ready :class:`GramPredictor` from any of gram's folders, from any working directory:
 
     - a checkpoint folder (``.../checkpoints/step_N``, a converted checkpoint), its ``model.safetensors``, or a
@@ -215,8 +216,9 @@ def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
       (``tokenizer``: bert-base-uncased's vocabulary, default ``pretrained_weights/bert/bert-base-uncased``).
 
     The model, its preprocessing and its vocabulary come from the folder itself; ``tokenizer`` (a folder with
-    vocab.txt, or the file) overrides the vocabulary. Weights are loaded strictly. ``device``: "cpu", "cuda",
-    "cuda:1", or "auto" (CUDA when available).
+    vocab.txt, or the file) overrides the vocabulary. ``model_config`` (released folders only): a model yaml for
+    what the weights' shapes cannot tell (head counts; default gram_base). Weights are loaded strictly.
+    ``device``: "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
     """
     path = Path(path_or_name).expanduser()
     if not path.exists():
@@ -225,7 +227,7 @@ def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
             f"(.../checkpoints/step_N), its {ckpt.WEIGHTS}, a training output_dir, a hub folder or a released GRAM "
             "folder (log/hps.json + ckpt/).")
     if ckpt.is_released_folder(path) or path.suffix == ".pt":
-        model, data_cfg, vocab = _open_released(path, tokenizer)
+        model, data_cfg, vocab = _open_released(path, tokenizer, model_config)
     elif _is_hub_folder(path):
         model, data_cfg, vocab = _open_hub(path, tokenizer)
     else:
@@ -266,10 +268,11 @@ def _open_hub(path: Path, tokenizer: str | PathLike | None) -> tuple[GramModel, 
     return model, data_cfg, text_tokenizer
 
 
-def _open_released(path: Path, tokenizer: str | PathLike | None) -> tuple[GramModel, DataConfig, Any]:
+def _open_released(path: Path, tokenizer: str | PathLike | None,
+                   model_config: str | PathLike | None) -> tuple[GramModel, DataConfig, Any]:
     from gram.released import convert_released
 
-    converted = convert_released(path, tokenizer)
+    converted = convert_released(path, tokenizer, model_config=str(model_config) if model_config else None)
     for note in converted.notes:
         warnings.warn(note, stacklevel=3)
     data = {**converted.config["data"], "tokenizer": str(converted.vocabulary)}
