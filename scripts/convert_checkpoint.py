@@ -116,10 +116,9 @@ def _dim(state: Mapping, key: str, axis: int, default: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)  # before the heavy imports: --help is instant
     from gram.cli import run_with_clear_errors
     from gram.models.convert import CheckpointConversionError
-
-    args = parse_args(argv)
 
     def work() -> int:
         try:

@@ -21,7 +21,7 @@ from gram.main import run
 from gram.models.gram_model import GramModel
 from gram.models.vision import load_eva_visual_state
 from gram.released import convert_released, read_hps, task_modalities
-from tests.conftest import ROOT, compose_config, sample_overrides, shared_path
+from tests.conftest import CONFIGS, ROOT, compose_config, sample_overrides, shared_path
 from tests.test_convert import SCRIPT, TAU, inputs, reference_layout, tiny_config, write_vocabulary
 
 CAPTIONS = ["A dog is barking", "A dog is howling", "A red cat is meowing", "A black cat is meowing"]
@@ -144,6 +144,7 @@ def test_released_folder_without_a_vocabulary_says_what_to_pass(released, tmp_pa
         gram.load_model(released, model_config=TINY_YAML)
 
 
+@pytest.mark.slow  # a training step and an evaluation: ~20-50 s on a shared 2-core machine
 def test_init_from_the_converted_checkpoint_trains_and_keeps_its_vocabulary(tmp_path, sample_root, released, vocab):
     out = tmp_path / "tva"
     assert SCRIPT.main([str(released), str(out), "--model-config", TINY_YAML, "--tokenizer", vocab,
@@ -283,3 +284,25 @@ def test_weights_of_the_converted_file_are_the_source_s(converted, source):
     state = load_file(str(converted / ckpt.WEIGHTS))
     assert torch.equal(state["model.projections.subtitle.weight"], source.projections["subtitle"].weight.detach())
     assert not any(".depth" in k for k in state)
+
+
+# ------------------------------------------------------------------------------------------- zero-shot experiments
+PUBLISHED = {  # the reference description's tables (paper zero-shot rows, README model zoo)
+    "zeroshot_msrvtt_tvas": {"t2v_r1": 54.8, "v2t_r1": 52.9}, "zeroshot_msrvtt_tvasd": {"t2v_r1": 55.3},
+    "zeroshot_vatex_tvas": {"t2v_r1": 83.5, "v2t_r1": 82.7}, "zeroshot_didemo_tvas": {"t2v_r1": 54.2, "v2t_r1": 52.2},
+    "zeroshot_activitynet_tvas": {"t2v_r1": 59.0, "v2t_r1": 50.4}, "zeroshot_vatex_tvasd": None,
+    "zeroshot_didemo_tvasd": None, "zeroshot_activitynet_tvasd": None}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_zero_shot_experiments_evaluate_a_converted_checkpoint(name):
+    from gram.main import to_dataclass
+
+    assert (CONFIGS / "experiment" / f"{name}.yaml").is_file()
+    cfg = to_dataclass(compose_config(f"experiment={name}"))
+    assert cfg.mode == "test" and cfg.checkpoint.endswith("tvasd" if name.endswith("tvasd") else "tvas")
+    assert cfg.reproduction.get("expected") == PUBLISHED[name]
+    dataset = name.split("_")[1]
+    assert cfg.data.name == f"{dataset}_ret"
+    with_subtitles = dataset in ("msrvtt", "vatex")
+    assert cfg.eval.modalities == (["video", "audio", "subtitle"] if with_subtitles else ["video", "audio"])
