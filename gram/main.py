@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gram import distributed as dist
 from gram.checkpoint_format import TokenizerNotFoundError, tokenizer_location
+from gram.cli import UserError
 from gram.config import DataConfig, GramConfig, LossConfig, ModelConfig, typed_section, without_pretrained
 from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.loader import TrainStream
@@ -125,6 +126,33 @@ def checkpoint_vocabulary(folder: Path) -> str | None:
         return None
 
 
+def load_init_weights(task: GramTask, path: str | Path) -> Path:
+    """``init_from``: a checkpoint's weights, strictly, except that frame embeddings trained for another number of
+    frames or audio clips are resampled (nearest) to this model's, as the reference's ``modify_checkpoint`` does
+    (the released pretrained models have 2 frames, the finetuning experiments 8)."""
+    from safetensors.torch import load_file
+
+    from gram.models.convert import resize_frames
+    from gram.models.hub import check_state
+
+    folder = ckpt.resolve_checkpoint(path)
+    state = load_file(str(folder / ckpt.WEIGHTS))
+    own = task.state_dict()
+    for key, value in state.items():
+        if key.startswith("model.frame_embeddings.") and key in own and value.shape != own[key].shape \
+                and value.dim() == 3 and (value.shape[0], value.shape[2]) == (own[key].shape[0], own[key].shape[2]):
+            log.info("init_from %s: %s has %d frames, the model %d: resampled (nearest)", folder, key,
+                     value.shape[1], own[key].shape[1])
+            state[key] = resize_frames(value, own[key].shape[1])
+    try:
+        check_state(task, state, f"init_from={path} ({folder / ckpt.WEIGHTS})", target="the configured model",
+                    fix="Use the model config the checkpoint was trained with (its config.json's model section).")
+    except KeyError as err:
+        raise UserError(" ".join(str(err).split("\n"))) from None
+    task.load_state_dict(state, strict=False)  # check_state proved every key present (shared tensors once)
+    return folder
+
+
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
@@ -184,7 +212,7 @@ def _run(cfg: GramConfig, config_dict: dict[str, Any]) -> dict[str, Any]:
     if source is None:
         task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
         if cfg.init_from:
-            ckpt.load_weights(task, cfg.init_from)
+            load_init_weights(task, cfg.init_from)
     task.to(device)
     logger = RunLogger(cfg.logger, output_dir, config_dict) if dist.is_main_process() else None
 

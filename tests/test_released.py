@@ -151,10 +151,29 @@ def test_init_from_the_converted_checkpoint_trains_and_keeps_its_vocabulary(tmp_
                         "--modalities", "video", "audio"]) == 0
     run_dir = tmp_path / "finetune"
     run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=1", f"init_from={out}",
-                                         "model.max_frames=4", "data.audio_target_length=256"),
+                                         "model.max_frames=8", "data.audio_target_length=256"),
                        output_dir=run_dir))
     saved = ckpt.list_checkpoints(run_dir)[-1]
     assert (saved / "tokenizer" / "vocab.txt").read_bytes() == (out / "tokenizer" / "vocab.txt").read_bytes()
+
+
+def test_init_from_resamples_frame_embeddings_to_the_model(converted, source):
+    """The released pretrained models have 2 frames, the finetuning experiments 8: nearest resampling, as the
+    reference; anything else that does not fit is refused in one line."""
+    from gram.losses import LossConfig
+    from gram.main import load_init_weights
+    from gram.models.convert import resize_frames
+    from gram.train.task import GramTask
+
+    cfg = dataclasses.replace(tiny_config(["video", "audio", "subtitle"]), max_frames=8)
+    task = GramTask(GramModel(cfg), LossConfig())
+    load_init_weights(task, converted)
+    expected = resize_frames(source.frame_embeddings["video"].detach(), 8)
+    assert torch.equal(task.model.frame_embeddings["video"].detach(), expected)
+    assert torch.equal(task.model.projections["subtitle"].weight, source.projections["subtitle"].weight)
+    other = GramTask(GramModel(dataclasses.replace(cfg, embed_dim=32)), LossConfig())
+    with pytest.raises(UserError, match="init_from=.*projections.text.weight: file \\(64, 64\\) vs model \\(32, 64\\)"):
+        load_init_weights(other, converted)
 
 
 def test_mode_test_on_a_converted_checkpoint_uses_its_vocabulary(tmp_path, sample_root, converted):

@@ -110,7 +110,9 @@ def save_hub_layout(model: GramModel, folder: str | os.PathLike, data: Mapping[s
 
 
 def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                allow_missing: Sequence[str] = MAY_BE_ABSENT) -> None:
+                allow_missing: Sequence[str] = MAY_BE_ABSENT, target: str = f"the model in its {CONFIG_NAME}",
+                fix: str = "Re-export the model, or pass allow_missing=[patterns] for keys that may legitimately "
+                           "be absent.") -> None:
     """Raise :class:`HubLoadError` listing every unexpected, missing (not aliased, not allowed) or mis-shaped key."""
     own = model.state_dict()
     aliases = alias_groups(model)
@@ -121,9 +123,8 @@ def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in state.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise HubLoadError(f"{source} does not fit the model in its {CONFIG_NAME}: missing={missing}, "
-                           f"unexpected={unexpected}, shape mismatches={shapes}. Re-export the model, or pass "
-                           "allow_missing=[patterns] for keys that may legitimately be absent.")
+        raise HubLoadError(f"{source} does not fit {target}: missing={missing}, unexpected={unexpected}, "
+                           f"shape mismatches={shapes}. {fix}")
 
 
 def load_state_strict(model: torch.nn.Module, path: str | os.PathLike, allow_missing: Sequence[str] = MAY_BE_ABSENT,
