@@ -110,7 +110,10 @@ def write_config(folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     data = config.get("data")
     if isinstance(data, dict) and data.get("tokenizer"):
         source = tokenizer_location(folder, config, check=False)
-        config = {**config, "data": {**data, "tokenizer": copy_vocabulary(source, folder)}}
+        try:
+            config = {**config, "data": {**data, "tokenizer": copy_vocabulary(source, folder)}}
+        except TokenizerNotFoundError as err:  # never lose a checkpoint over it: keep the path as it was
+            log.warning("%s; %s keeps data.tokenizer=%r", err, Path(folder) / CONFIG, data["tokenizer"])
     (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2))
     return config
 

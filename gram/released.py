@@ -17,6 +17,7 @@ reference``), which :func:`write_converted` writes as a self-contained folder (w
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 import re
@@ -43,7 +44,7 @@ from gram.models.convert import (
     unwrap_reference,
 )
 from gram.models.gram_model import GramModel
-from gram.models.hub import model_config_to_dict
+from gram.models.hub import model_config_from_dict, model_config_to_dict
 from gram.train.task import GramTask
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ class Converted:
 
     def build_task(self) -> GramTask:
         """The task with these weights, in memory (the report already checked every key and shape)."""
-        from gram.models.hub import model_config_from_dict
-
         task = GramTask(GramModel(model_config_from_dict(self.config["model"])), LossConfig(**self.config["loss"]))
         missing, unexpected = task.load_state_dict(self.state, strict=False)
         aliases = alias_groups(task)
@@ -159,8 +158,6 @@ def pick_weights(folder: Path, notes: list[str]) -> Path:
 # ------------------------------------------------------------------------------------------------ hps.json
 def read_hps(path: str | Path) -> HpsSettings:
     """Parse a released run's ``hps.json``; unknown values that change the model raise, naming the key."""
-    import json
-
     try:
         hps = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:

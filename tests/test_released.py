@@ -325,3 +325,10 @@ def test_zero_shot_experiments_evaluate_a_converted_checkpoint(name):
     assert cfg.data.name == f"{dataset}_ret"
     with_subtitles = dataset in ("msrvtt", "vatex")
     assert cfg.eval.modalities == (["video", "audio", "subtitle"] if with_subtitles else ["video", "audio"])
+
+
+def test_a_missing_vocabulary_never_costs_the_checkpoint(tmp_path, caplog):
+    config = {"model": {}, "data": {"tokenizer": str(tmp_path / "gone")}}
+    written = ckpt.write_config(tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text()) == written == config
+    assert "gone" in caplog.text and not (tmp_path / "tokenizer").exists()
