@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 
 from gram import checkpoint_format as ckpt
 from gram.checkpoint_format import TokenizerNotFoundError
-from gram.config import DataConfig, DatasetConfig, ModelConfig, typed_section
+from gram.config import DataConfig, DatasetConfig, typed_section
 from gram.data.audio import (
     NoAudioStreamError,
     load_audio_clips,
@@ -43,7 +43,7 @@ from gram.data.tokenizer import load_tokenizer
 from gram.data.video import VideoTransform, load_video_frames, sample_frame_indices
 from gram.eval.retrieval import embed_items
 from gram.eval.scoring import similarity_matrix
-from gram.main import task_from_checkpoint
+from gram.main import check_vocabulary, task_from_checkpoint
 from gram.models.gram_model import GramModel
 
 MediaInput = str | PathLike | torch.Tensor
@@ -264,7 +264,7 @@ def _open_hub(path: Path, tokenizer: str | PathLike | None) -> tuple[GramModel, 
             "or load the bare model with GramPretrained.from_pretrained.")
     data_cfg = typed_section(DataConfig, model.preprocessing, str(path / ckpt.CONFIG))
     text_tokenizer = _load_vocabulary(tokenizer, lambda: model.vocabulary)
-    _check_vocabulary(text_tokenizer, model.cfg)
+    check_vocabulary(model.cfg, text_tokenizer)
     return model, data_cfg, text_tokenizer
 
 
@@ -290,12 +290,6 @@ def _load_vocabulary(override: str | PathLike | None, inside: Callable[[], Path]
         raise TokenizerNotFoundError(f"tokenizer {str(override)!r} (the tokenizer argument) not found; pass a folder "
                                      "holding vocab.txt, or the file")
     return load_tokenizer(path)
-
-
-def _check_vocabulary(tokenizer, model_cfg: ModelConfig) -> None:
-    if len(tokenizer) > model_cfg.text.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's text encoder has "
-                         f"{model_cfg.text.vocab_size} word embeddings; use the model's own vocabulary")
 
 
 def _device(device: str | torch.device) -> torch.device:

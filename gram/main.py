@@ -76,10 +76,15 @@ def prepare_sample_data(cfg: GramConfig) -> None:
     launch.barrier()
 
 
-def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
+def check_vocabulary(model_cfg: ModelConfig, tokenizer) -> None:
+    """Every token id must have a word embedding."""
     if len(tokenizer) > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} entries but model.text.vocab_size is "
                          f"{model_cfg.text.vocab_size}; use the model's own vocabulary (data.tokenizer)")
+
+
+def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
+    check_vocabulary(model_cfg, tokenizer)
     model = GramModel(model_cfg)
     model.set_frozen()
     return model
@@ -89,6 +94,12 @@ def task_from_checkpoint(folder: Path, tokenizer) -> GramTask:
     """The task (model and loss) a checkpoint folder was trained as, rebuilt from its config.json and loaded
     strictly (the file holds the whole task, so tied weights saved once are restored too)."""
     saved, source = ckpt.read_config(folder), str(folder / ckpt.CONFIG)
+    from gram.models.hub import GramPretrained, is_hub_config
+
+    if is_hub_config(saved):  # a hub folder: the bare model (strict), the default loss (unused by evaluation)
+        model = GramPretrained.from_pretrained(folder)
+        check_vocabulary(model.cfg, tokenizer)
+        return GramTask(model, LossConfig())
     model_cfg = without_pretrained(typed_section(ModelConfig, saved.get("model"), source))
     task = GramTask(build_model(model_cfg, tokenizer), typed_section(LossConfig, saved.get("loss"), source))
     ckpt.load_weights(task, folder, strict=True)

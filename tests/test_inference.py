@@ -250,3 +250,14 @@ def test_hub_folder_without_preprocessing_says_how_to_fix(trained, tmp_path):
     bare = save_hub_layout(load_model(trained).model, tmp_path / "bare")
     with pytest.raises(ckpt.CheckpointNotFoundError, match="checkpoint_to_hub"):
         load_model(bare)
+
+
+def test_mode_test_evaluates_a_hub_folder(trained, sample_root, tmp_path):
+    from gram.models.hub import checkpoint_to_hub
+
+    hub = checkpoint_to_hub(trained, tmp_path / "hub")
+    from_run = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={trained}"),
+                                  output_dir=tmp_path / "a"))["sample"]
+    from_hub = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={hub}"),
+                                  output_dir=tmp_path / "b"))["sample"]
+    assert from_hub["t2v_r1"] == from_run["t2v_r1"] and from_hub["scorings"] == from_run["scorings"]
