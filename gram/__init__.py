@@ -6,7 +6,8 @@ Public API:
     build_loss, LossConfig           the contrastive objective and its baselines
     retrieval_metrics(scores, tgt)   R@1/5/10, MedR, MeanR with pessimistic ties (gram.eval)
     read_annotations(path)           GRAM/VAST annotation files (gram.data)
-    load_model(path, device)         a trained model with its tokenizer and test-time preprocessing (gram.inference)
+    load_model(path, device)         a model with its vocabulary and test-time preprocessing, from a checkpoint,
+                                     run, hub or released GRAM folder (gram.inference)
     list_pretrained()                names of the released GRAM checkpoints and encoder weights (gram.pretrained)
 """
 

@@ -3,11 +3,16 @@ of them).
 
     <folder>/
         model.safetensors   weights of the task (model.* and loss.*)
-        config.json         the resolved run config: rebuilds the right model with no extra flags
+        config.json         the resolved run config: rebuilds the right model with no extra flags; its
+                            data.tokenizer is "tokenizer", relative to the folder
+        tokenizer/vocab.txt the run's WordPiece vocabulary, so the folder is self-contained
         train_state.pt      (training checkpoints only) optimizer, scheduler, step, data position, best metric
         rng_rank{r}.pt      (training checkpoints only) RNG states of every rank
 
-A training run keeps its checkpoints as `<output_dir>/checkpoints/step_N/`.
+A training run keeps its checkpoints as `<output_dir>/checkpoints/step_N/`. Relative paths inside config.json
+(only data.tokenizer) are relative to the checkpoint folder, so a folder opens from any working directory;
+checkpoints written before the vocabulary moved inside keep a path relative to the run's working directory,
+which is still tried.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+TOKENIZER_DIR, VOCAB = "tokenizer", "vocab.txt"  # <folder>/tokenizer/vocab.txt
+# A released GRAM folder as the reference writes it: <folder>/log/hps.json (the run config) and <folder>/ckpt/*.pt.
+RELEASED_HPS, RELEASED_CKPT = Path("log") / "hps.json", "ckpt"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -42,6 +51,16 @@ class DamagedCheckpointError(UserError):
 def damaged(path: Path, error: BaseException) -> DamagedCheckpointError:
     reason = " ".join(str(error).split()) or type(error).__name__
     return DamagedCheckpointError(f"{path} is damaged or unreadable ({type(error).__name__}: {reason[:200]})")
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """A checkpoint's vocabulary (data.tokenizer in its config.json) cannot be found."""
+
+
+def is_released_folder(path: str | Path) -> bool:
+    """A folder in the reference's release layout (log/hps.json and/or ckpt/), not a gram checkpoint."""
+    p = Path(path)
+    return p.is_dir() and not (p / CONFIG).exists() and ((p / RELEASED_HPS).is_file() or (p / RELEASED_CKPT).is_dir())
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -70,6 +89,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint={path}: no such file or folder. Pass a checkpoint folder "
                                       f"(.../checkpoints/step_N), its {WEIGHTS}, or a training output_dir.")
+    if is_released_folder(p) or p.suffix == ".pt":
+        raise CheckpointNotFoundError(f"checkpoint={path} is a released GRAM checkpoint in the reference's layout; "
+                                      f"convert it once: python scripts/convert_checkpoint.py {path} OUT, then pass "
+                                      "OUT (gram.load_model also opens the released folder directly).")
     raise CheckpointNotFoundError(f"checkpoint={path}: no {WEIGHTS} there and no checkpoints/step_N folder "
                                   f"inside it. Pass a checkpoint folder or the output_dir of a training run.")
 
@@ -80,6 +103,55 @@ def read_config(checkpoint: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise damaged(path, error) from None
+
+
+def copy_vocabulary(source: str | Path, folder: str | Path) -> str:
+    """Copy a WordPiece vocabulary (a folder holding vocab.txt, or the file) to ``folder/tokenizer/vocab.txt``;
+    returns the path to write as data.tokenizer, relative to ``folder``."""
+    src = Path(source).expanduser()
+    src = src / VOCAB if src.is_dir() else src
+    if not src.is_file():
+        raise TokenizerNotFoundError(f"vocabulary {source} not found (a folder with {VOCAB}, or the file); "
+                                     "it is copied into the checkpoint so the folder is self-contained")
+    target = Path(folder) / TOKENIZER_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != (target / VOCAB).resolve():
+        shutil.copyfile(src, target / VOCAB)
+    return TOKENIZER_DIR
+
+
+def write_config(folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write ``config.json`` into a checkpoint folder, copying the vocabulary its data.tokenizer names inside the
+    folder and pointing data.tokenizer at the copy (relative). Returns the config as written."""
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("tokenizer"):
+        source = tokenizer_location(folder, config, check=False)
+        try:
+            config = {**config, "data": {**data, "tokenizer": copy_vocabulary(source, folder)}}
+        except TokenizerNotFoundError as err:  # never lose a checkpoint over it: keep the path as it was
+            log.warning("%s; %s keeps data.tokenizer=%r", err, Path(folder) / CONFIG, data["tokenizer"])
+    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2))
+    return config
+
+
+def tokenizer_location(folder: str | Path, config: dict[str, Any] | None = None, check: bool = True) -> Path:
+    """The vocabulary of a checkpoint: data.tokenizer relative to the checkpoint folder (self-contained folders),
+    else as written (absolute, or relative to the working directory for older checkpoints)."""
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    written = (config.get("data") or {}).get("tokenizer")
+    if not written:
+        raise TokenizerNotFoundError(f"{folder / CONFIG} names no vocabulary (data.tokenizer); pass "
+                                     "tokenizer=DIR_OR_VOCAB_TXT")
+    path = Path(written).expanduser()
+    if not path.is_absolute() and (folder / path).exists():
+        return folder / path
+    if path.exists() or not check:
+        return path
+    hint = (f" It is relative: it was looked for in {folder} and in the current directory {Path.cwd()}."
+            if not path.is_absolute() else "")
+    raise TokenizerNotFoundError(f"tokenizer {written!r} (data.tokenizer in {folder / CONFIG}) not found.{hint} "
+                                 "Pass load_model(..., tokenizer=DIR_OR_VOCAB_TXT) with the run's vocab.txt.")
 
 
 def load_weights(module: nn.Module, checkpoint: str | Path, strict: bool = True) -> Path:

@@ -1,6 +1,6 @@
 """Using a trained model: load a checkpoint and embed your own sentences, videos and audio.
 
-    predictor = load_model("outputs/my_run")                     # a run's output dir or a checkpoint folder
+    predictor = load_model("outputs/my_run")                     # any checkpoint folder, see load_model
     text = predictor.encode_text(["a red circle moves left"])    # (1, D), L2-normalised
     video = predictor.encode_video(["clip.mp4"])                 # (1, D)
     audio = predictor.encode_audio(["clip.mp3"])                 # (1, D); a video's own track also works
@@ -10,10 +10,15 @@
 Every input goes through the preprocessing of the run's *test-time* evaluation (frame count, image size and
 transform, audio clips, fbank length and mel bins, text length), read from the checkpoint's config.json, so the
 embeddings are the ones the training-time evaluation computes for the same files.
+
+One name, one thing: ``encode_<modality>`` takes raw inputs (strings for text and subtitles, files or tensors
+for media) and returns embeddings; :meth:`GramPredictor.tokenize` turns strings into the token dicts that
+``GramModel.encode("text", tokens)`` takes, for code that works on model-ready tensors.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +30,7 @@ import torch
 from torch.utils.data import Subset
 
 from gram import checkpoint_format as ckpt
+from gram.checkpoint_format import TokenizerNotFoundError
 from gram.config import DataConfig, DatasetConfig, typed_section
 from gram.data.audio import (
     NoAudioStreamError,
@@ -39,16 +45,14 @@ from gram.data.tokenizer import load_tokenizer
 from gram.data.video import VideoTransform, load_video_frames, sample_frame_indices
 from gram.eval.retrieval import embed_items
 from gram.eval.scoring import similarity_matrix
-from gram.main import task_from_checkpoint
+from gram.main import check_vocabulary, task_from_checkpoint
 from gram.models.gram_model import GramModel
 from gram.pretrained import resolve_model_source
 
 MediaInput = str | PathLike | torch.Tensor
 log = logging.getLogger(__name__)
 
-
-class TokenizerNotFoundError(FileNotFoundError):
-    """The run's tokenizer (data.tokenizer in its config.json) cannot be found."""
+__all__ = ["GramPredictor", "SilentAudioWarning", "TokenizerNotFoundError", "load_model"]
 
 
 class SilentAudioWarning(UserWarning):
@@ -87,6 +91,17 @@ class GramPredictor:
         """Subtitles (speech transcripts) -> (N, D), tokenized to ``data.max_subtitle_len``."""
         self._require("subtitle")
         return self._encode_strings("subtitle", texts, self.data.max_subtitle_len)
+
+    def tokenize(self, texts: Sequence[str], modality: str = "text") -> dict[str, torch.Tensor]:
+        """Strings -> {"input_ids", "attention_mask"} (N, L) as evaluation tokenizes them (L = data.max_text_len,
+        or data.max_subtitle_len for ``modality="subtitle"``): the input of ``GramModel.encode(modality, ...)``."""
+        if modality not in ("text", "subtitle"):
+            raise ValueError(f"tokenize: modality must be 'text' or 'subtitle', got {modality!r}")
+        texts = _as_list(texts, str, modality)
+        return self.collator.tokenize(texts, self._max_len(modality))
+
+    def _max_len(self, modality: str) -> int:
+        return self.data.max_subtitle_len if modality == "subtitle" else self.data.max_text_len
 
     def _encode_strings(self, modality: str, texts: Sequence[str], max_len: int) -> torch.Tensor:
         texts = _as_list(texts, str, modality)
@@ -198,26 +213,44 @@ class GramPredictor:
 # ---------------------------------------------------------------------------------------------- loading
 def load_model(path_or_name: str | PathLike, device: str | torch.device = "cpu",
                tokenizer: str | PathLike | None = None, batch_size: int = 32,
-               preprocessing: str | None = None) -> GramPredictor:
-    """A ready :class:`GramPredictor` from a checkpoint folder (``.../checkpoints/step_N``), its
-    ``model.safetensors``, a training output dir (its latest checkpoint), or a released model's name
-    (``gram.list_pretrained("gram")``: found under pretrained_weights/, else downloaded and converted).
+               preprocessing: str | None = None,
+               model_config: str | PathLike | None = None) -> GramPredictor:
+    """A ready :class:`GramPredictor` from any of gram's folders, from any working directory:
 
-    The model, its preprocessing and its tokenizer come from the checkpoint's config.json; ``tokenizer``
-    overrides the tokenizer path (a directory with vocab.txt, or the file) when the run's one is not here.
-    The preprocessing preset is the one config.json records (``data.preprocessing``; "accurate" for checkpoints
-    written before the key existed); ``preprocessing`` overrides it, with a warning.
-    Weights are loaded strictly. ``device``: "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
+    - a checkpoint folder (``.../checkpoints/step_N``, a converted checkpoint), its ``model.safetensors``, or a
+      training output dir (its latest checkpoint);
+    - a released model's name (``gram.list_pretrained("gram")``: found under pretrained_weights/, else downloaded
+      and converted);
+    - a hub folder (``GramPretrained.save_pretrained``, ``gram.models.hub.checkpoint_to_hub``);
+    - a released GRAM folder in the reference's layout (``log/hps.json`` + ``ckpt/*.pt``), converted in memory
+      (``tokenizer``: bert-base-uncased's vocabulary, default ``pretrained_weights/bert/bert-base-uncased``).
+
+    The model, its preprocessing and its vocabulary come from the folder itself; ``tokenizer`` (a folder with
+    vocab.txt, or the file) overrides the vocabulary. ``model_config`` (released folders only): a model yaml for
+    what the weights' shapes cannot tell (head counts; default gram_base). The preprocessing preset is the one the
+    folder records (``data.preprocessing``; "accurate" for checkpoints written before the key existed, "reference"
+    for released GRAM folders); ``preprocessing`` overrides it, with a warning. Weights are loaded strictly.
+    ``device``: "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
     """
     path_or_name = resolve_model_source(path_or_name)  # a registry name -> its local folder (gram.pretrained)
-    folder = _checkpoint_folder(path_or_name)
-    saved = ckpt.read_config(folder)
-    data_cfg = typed_section(DataConfig, saved.get("data"), str(folder / ckpt.CONFIG))
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise ckpt.CheckpointNotFoundError(
+            f"load_model({str(path_or_name)!r}): no such file or folder. Pass a checkpoint folder "
+            f"(.../checkpoints/step_N), its {ckpt.WEIGHTS}, a training output_dir, a hub folder or a released GRAM "
+            "folder (log/hps.json + ckpt/).")
+    if ckpt.is_released_folder(path) or path.suffix == ".pt":
+        model, data_cfg, vocab = _open_released(path, tokenizer, model_config)
+        saved, folder = {"data": {"preprocessing": data_cfg.preprocessing}}, path
+    elif _is_hub_folder(path):
+        model, data_cfg, vocab = _open_hub(path, tokenizer)
+        saved, folder = {"data": model.preprocessing}, path
+    else:
+        model, data_cfg, vocab = _open_checkpoint(path, tokenizer)
+        folder = ckpt.resolve_checkpoint(path)
+        saved = ckpt.read_config(folder)
     data_cfg.preprocessing = chosen_preset(saved, folder, preprocessing, "load_model(preprocessing=...)")
-    vocab = _tokenizer_path(tokenizer if tokenizer is not None else data_cfg.tokenizer, folder, tokenizer is None)
-    text_tokenizer = load_tokenizer(vocab)
-    task = task_from_checkpoint(folder, text_tokenizer)
-    return GramPredictor(task.model, data_cfg, text_tokenizer, _device(device), batch_size)
+    return GramPredictor(model, data_cfg, vocab, _device(device), batch_size)
 
 
 def chosen_preset(saved: dict[str, Any], folder: Path, requested: str | None, source: str) -> str:
@@ -233,29 +266,61 @@ def chosen_preset(saved: dict[str, Any], folder: Path, requested: str | None, so
     return requested
 
 
-def _checkpoint_folder(path_or_name: str | PathLike) -> Path:
-    path = Path(path_or_name).expanduser()
-    if not path.exists():
-        raise ckpt.CheckpointNotFoundError(
-            f"load_model({str(path_or_name)!r}): no such file or folder. Pass a checkpoint folder "
-            f"(.../checkpoints/step_N), its {ckpt.WEIGHTS}, or the output_dir of a training run.")
+def _open_checkpoint(path: Path, tokenizer: str | PathLike | None) -> tuple[GramModel, DataConfig, Any]:
     folder = ckpt.resolve_checkpoint(path)
     if not (folder / ckpt.CONFIG).is_file():
         raise ckpt.CheckpointNotFoundError(f"{folder} has no {ckpt.CONFIG}; it is needed to rebuild the model "
                                            f"and its preprocessing (checkpoints written by gram have one)")
-    return folder
+    saved = ckpt.read_config(folder)
+    data_cfg = typed_section(DataConfig, saved.get("data"), str(folder / ckpt.CONFIG))
+    text_tokenizer = _load_vocabulary(tokenizer, lambda: ckpt.tokenizer_location(folder, saved))
+    return task_from_checkpoint(folder, text_tokenizer).model, data_cfg, text_tokenizer
 
 
-def _tokenizer_path(path: str | PathLike, folder: Path, from_config: bool) -> Path:
-    """The tokenizer path, with a clear error when the run's (possibly relative) path is not found here."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return p
-    where = f"data.tokenizer in {folder / ckpt.CONFIG}" if from_config else "the tokenizer argument"
-    hint = (f" It is relative, so it was resolved against the current directory {Path.cwd()}: run from the "
-            f"training run's directory, or" if not p.is_absolute() else " Either")
-    raise TokenizerNotFoundError(f"tokenizer {str(path)!r} ({where}) not found.{hint} pass "
-                                 f"load_model(..., tokenizer=DIR_OR_VOCAB_TXT) with the run's vocab.txt.")
+def _is_hub_folder(path: Path) -> bool:
+    from gram.models.hub import is_hub_config
+
+    config = path / ckpt.CONFIG if path.is_dir() else None
+    return config is not None and config.is_file() and is_hub_config(json.loads(config.read_text()))
+
+
+def _open_hub(path: Path, tokenizer: str | PathLike | None) -> tuple[GramModel, DataConfig, Any]:
+    from gram.models.hub import GramPretrained
+
+    model = GramPretrained.from_pretrained(path)
+    if model.preprocessing is None:
+        raise ckpt.CheckpointNotFoundError(
+            f"{path / ckpt.CONFIG} has no data section: this hub folder was exported without its preprocessing and "
+            "vocabulary (format_version 1). Re-export it with gram.models.hub.checkpoint_to_hub(CHECKPOINT, DIR), "
+            "or load the bare model with GramPretrained.from_pretrained.")
+    data_cfg = typed_section(DataConfig, model.preprocessing, str(path / ckpt.CONFIG))
+    text_tokenizer = _load_vocabulary(tokenizer, lambda: model.vocabulary)
+    check_vocabulary(model.cfg, text_tokenizer)
+    return model, data_cfg, text_tokenizer
+
+
+def _open_released(path: Path, tokenizer: str | PathLike | None,
+                   model_config: str | PathLike | None) -> tuple[GramModel, DataConfig, Any]:
+    from gram.released import convert_released
+
+    converted = convert_released(path, tokenizer, model_config=str(model_config) if model_config else None)
+    for note in converted.notes:
+        warnings.warn(note, stacklevel=3)
+    data = {**converted.config["data"], "tokenizer": str(converted.vocabulary)}
+    data_cfg = typed_section(DataConfig, data, str(converted.source))
+    text_tokenizer = load_tokenizer(converted.vocabulary)
+    return converted.build_task().model, data_cfg, text_tokenizer
+
+
+def _load_vocabulary(override: str | PathLike | None, inside: Callable[[], Path]):
+    """The override when given (a clear error when it is not there), else the folder's own vocabulary."""
+    if override is None:
+        return load_tokenizer(inside())
+    path = Path(override).expanduser()
+    if not path.exists():
+        raise TokenizerNotFoundError(f"tokenizer {str(override)!r} (the tokenizer argument) not found; pass a folder "
+                                     "holding vocab.txt, or the file")
+    return load_tokenizer(path)
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gram import distributed as dist
+from gram.checkpoint_format import TokenizerNotFoundError, tokenizer_location
 from gram.cli import EXIT_USER_ERROR, UserError
 from gram.config import (
+    DataConfig,
     GramConfig,
     LossConfig,
     ModelConfig,
@@ -86,10 +89,15 @@ def prepare_sample_data(cfg: GramConfig) -> None:
     launch.barrier()
 
 
-def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
+def check_vocabulary(model_cfg: ModelConfig, tokenizer) -> None:
+    """Every token id must have a word embedding."""
     if len(tokenizer) > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} entries but model.text.vocab_size is "
                          f"{model_cfg.text.vocab_size}; use the model's own vocabulary (data.tokenizer)")
+
+
+def build_model(model_cfg: ModelConfig, tokenizer) -> GramModel:
+    check_vocabulary(model_cfg, tokenizer)
     model = GramModel(model_cfg)
     model.set_frozen()
     return model
@@ -99,6 +107,12 @@ def task_from_checkpoint(folder: Path, tokenizer) -> GramTask:
     """The task (model and loss) a checkpoint folder was trained as, rebuilt from its config.json and loaded
     strictly (the file holds the whole task, so tied weights saved once are restored too)."""
     saved, source = ckpt.read_config(folder), str(folder / ckpt.CONFIG)
+    from gram.models.hub import GramPretrained, is_hub_config
+
+    if is_hub_config(saved):  # a hub folder: the bare model (strict), the default loss (unused by evaluation)
+        model = GramPretrained.from_pretrained(folder)
+        check_vocabulary(model.cfg, tokenizer)
+        return GramTask(model, LossConfig())
     model_cfg = without_pretrained(typed_section(ModelConfig, saved.get("model"), source))
     task = GramTask(build_model(model_cfg, tokenizer), typed_section(LossConfig, saved.get("loss"), source))
     ckpt.load_weights(task, folder, strict=True)
@@ -117,11 +131,71 @@ def checkpoint_preset(folder: Path, configured: str) -> str:
     return recorded
 
 
+# Data settings a checkpoint's weights were trained for: in mode=test they come from the checkpoint, whatever the
+# command line's data config says (the vocabulary, and the input sizes the encoders expect).
+MODEL_BOUND_DATA_KEYS = ("image_size", "audio_mel_bins", "audio_target_length")
+
+
+def data_bound_to_checkpoint(data: DataConfig, folder: Path) -> DataConfig:
+    """``data`` with the checkpoint's vocabulary (inside its folder) and :data:`MODEL_BOUND_DATA_KEYS`."""
+    saved = ckpt.read_config(folder)
+    changes: dict[str, Any] = {k: v for k, v in (saved.get("data") or {}).items() if k in MODEL_BOUND_DATA_KEYS}
+    vision = (saved.get("model") or {}).get("vision") or {}
+    if "image_size" not in changes and "image_size" in vision:
+        changes["image_size"] = vision["image_size"]
+    vocab = checkpoint_vocabulary(folder)
+    if vocab is not None:
+        changes["tokenizer"] = vocab
+    differ = {k: (getattr(data, k), v) for k, v in changes.items() if getattr(data, k) != v}
+    if differ:
+        log.info("from the checkpoint %s: %s", folder, ", ".join(f"data.{k}={v!r} (not {old!r})"
+                                                                  for k, (old, v) in differ.items()))
+    return dataclasses.replace(data, **changes)
+
+
+def checkpoint_vocabulary(folder: Path) -> str | None:
+    """The vocabulary a checkpoint carries (or names), or None when it cannot be found."""
+    try:
+        return str(tokenizer_location(folder))
+    except TokenizerNotFoundError as err:
+        log.warning("%s; using data.tokenizer instead", err)
+        return None
+
+
+def load_init_weights(task: GramTask, path: str | Path) -> Path:
+    """``init_from``: a checkpoint's weights, strictly, except that frame embeddings trained for another number of
+    frames or audio clips are resampled (nearest) to this model's, as the reference's ``modify_checkpoint`` does
+    (the released pretrained models have 2 frames, the finetuning experiments 8)."""
+    from safetensors.torch import load_file
+
+    from gram.models.convert import resize_frames
+    from gram.models.hub import check_state
+
+    folder = ckpt.resolve_checkpoint(path)
+    state = load_file(str(folder / ckpt.WEIGHTS))
+    own = task.state_dict()
+    for key, value in state.items():
+        if key.startswith("model.frame_embeddings.") and key in own and value.shape != own[key].shape \
+                and value.dim() == 3 and (value.shape[0], value.shape[2]) == (own[key].shape[0], own[key].shape[2]):
+            log.info("init_from %s: %s has %d frames, the model %d: resampled (nearest)", folder, key,
+                     value.shape[1], own[key].shape[1])
+            state[key] = resize_frames(value, own[key].shape[1])
+    try:
+        check_state(task, state, f"init_from={path} ({folder / ckpt.WEIGHTS})", target="the configured model",
+                    fix="Use the model config the checkpoint was trained with (its config.json's model section).")
+    except KeyError as err:
+        raise UserError(" ".join(str(err).split("\n"))) from None
+    task.load_state_dict(state, strict=False)  # check_state proved every key present (shared tensors once)
+    return folder
+
+
 def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, VideoTextDataset | None]:
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
         if training and cfg.data.train and not cfg.data.shards else None
-    test = VideoTextDataset(cfg.data.test, cfg.data, mods, training=False, allow_missing=cfg.eval.allow_missing) \
+    # Evaluation reads only the modalities it scores (e.g. a T-VASD model evaluated as T-VAS needs no depth maps).
+    test_mods = cfg.eval.modalities or mods
+    test = VideoTextDataset(cfg.data.test, cfg.data, test_mods, training=False, allow_missing=cfg.eval.allow_missing) \
         if cfg.data.test else None
     return train, test
 
@@ -216,12 +290,16 @@ def _run_owned(cfg: GramConfig, config_dict: dict[str, Any], output_dir: Path) -
         make_deterministic()
     torch.autograd.set_detect_anomaly(cfg.trainer.detect_anomaly)
     prepare_sample_data(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
     source = ckpt.resolve_checkpoint(pretrained_source(cfg.checkpoint, cfg)) if cfg.mode == "test" else None
     init_from = None
-    if source is None and cfg.init_from:  # resolved (maybe fetched) before the long dataset and model builds
+    if source is not None:
+        cfg.data = data_bound_to_checkpoint(cfg.data, source)
+    elif cfg.init_from:  # resolved (maybe fetched) before the long builds; the word embeddings bring their vocabulary
         init_from = pretrained_source(cfg.init_from, cfg, cfg.model.modalities)
+        cfg.data.tokenizer = checkpoint_vocabulary(ckpt.resolve_checkpoint(init_from)) or cfg.data.tokenizer
+    config_dict.setdefault("data", {})["tokenizer"] = cfg.data.tokenizer  # what checkpoints copy inside
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    collate = Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_subtitle_len)
     if source is not None:  # the model, loss and preprocessing are the checkpoint's own, whatever the config says
         task = task_from_checkpoint(source, tokenizer)
         cfg.model, cfg.loss = task.model.cfg, task.loss.cfg
@@ -231,7 +309,7 @@ def _run_owned(cfg: GramConfig, config_dict: dict[str, Any], output_dir: Path) -
     if source is None:
         task = GramTask(build_model(cfg.model, tokenizer), cfg.loss)
         if init_from:
-            ckpt.load_weights(task, init_from)
+            load_init_weights(task, init_from)
     task.to(device)
     logger = RunLogger(cfg.logger, output_dir, config_dict, resume=cfg.mode == "train" and cfg.trainer.resume,
                        job_type=cfg.mode) if dist.is_main_process() else None

@@ -1,66 +1,50 @@
 #!/usr/bin/env python
-"""Convert a released GRAM checkpoint into a gram checkpoint folder, or check a reference key list.
+"""Convert a released GRAM checkpoint folder (log/hps.json + ckpt/*.pt) into a self-contained gram checkpoint, or
+check a list of reference keys against the full model without any weights.
 
-The source is a reference ``model_step_*.pt`` / ``best_*.pt``; ``--check-keys`` checks a list of reference keys
-against the full model without any weights.
-
-    # convert: OUT/model.safetensors + OUT/config.json, then `python run.py mode=test checkpoint=OUT data=...`
-    python scripts/convert_checkpoint.py gram_ckpt/ckpt/model_step_6000.pt converted/gram_vast
-    #   --modalities video audio (default) | add subtitle/depth to keep those heads
-    #   --beats-cfg pretrained_weights/beats/BEATs_iter3_plus_AS2M.pt  take BEATs' normalisation flags from the file
-    #   --model-config configs/model/tiny.yaml  base config for what shapes cannot tell (head counts)
+    # convert: OUT/model.safetensors + OUT/config.json (model, loss, data) + OUT/tokenizer/vocab.txt, then
+    #   python run.py mode=test checkpoint=OUT data=msrvtt_ret   or   gram.load_model("OUT")   or   init_from=OUT
+    python scripts/convert_checkpoint.py pretrained_weights/gram/GRAM_pretrained_4modalities converted/gram_tvas
+    #   SOURCE may also be one .pt file (ckpt/model_step_N.pt, best_*.pt); a folder's newest step is used
+    #   --tokenizer DIR  bert-base-uncased's vocab.txt folder (default pretrained_weights/bert/bert-base-uncased)
+    #   --modalities video audio subtitle  override the modalities of hps.json's evaluation task
+    #   --image-size 336  convert for another resolution (position grid resized bilinearly, as the reference)
+    #   --hps FILE  the run's hps.json when it is not at SOURCE/log/hps.json
     #   --hub OUT_HUB  also write the Hugging Face hub layout (gram.models.hub)
 
     # check: every key of a name<TAB>shape<TAB>dtype list must map onto the full model (built on the meta device)
     python scripts/convert_checkpoint.py --check-keys ../shared/reference/gram-checkpoint-keys.tsv
 
-The model config is the base (``ModelConfig`` defaults, i.e. gram_base) with frame/clip counts, the shared width,
-the matching head and every encoder size read from the checkpoint's shapes. Exit status: 0, or 1 when any key is
-unmapped, unexpected, missing or mis-shaped (the report lists them).
+The model's sizes come from the weights' shapes, over gram_base (or --model-config) for what shapes cannot tell;
+hps.json gives the modalities, test-time frames, clips, transform, mel bins, text lengths and the DAM weight.
+Exit status: 0; 1 when any key is unmapped, unexpected, missing or mis-shaped (the report lists them); 2 for any
+other input error, on one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-from safetensors.torch import save_file
-
-from gram.checkpoint_format import CONFIG, WEIGHTS
-from gram.config import DATA_MODALITIES, ModelConfig
-from gram.losses import LossConfig
-from gram.models.beats import load_beats_checkpoint
-from gram.models.convert import (
-    CheckpointConversionError,
-    ConversionReport,
-    alias_groups,
-    convert_state_dict,
-    infer_model_config,
-    meta_state,
-    read_key_list,
-    unwrap_reference,
-)
-from gram.models.gram_model import GramModel
-from gram.models.hub import checkpoint_to_hub, model_config_to_dict
-from gram.train.task import GramTask
+DATA_MODALITIES = ("video", "audio", "subtitle", "depth")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", help="reference checkpoint .pt (flat state dict, maybe under 'model')")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?", help="released GRAM folder (log/hps.json + ckpt/*.pt) or one .pt file")
     parser.add_argument("output", nargs="?", help="output checkpoint folder")
     parser.add_argument("--check-keys", metavar="TSV", help="check a name<TAB>shape<TAB>dtype key list instead")
+    parser.add_argument("--tokenizer", metavar="DIR", help="BERT vocabulary (folder with vocab.txt, or the file); "
+                                                          "default pretrained_weights/bert/bert-base-uncased")
+    parser.add_argument("--hps", metavar="JSON", help="the run's hps.json (default SOURCE/log/hps.json)")
     parser.add_argument("--model-config", metavar="YAML", help="base model config (default: gram_base sizes)")
     parser.add_argument("--modalities", nargs="+", default=None, choices=DATA_MODALITIES,
-                        help="data modalities of the converted model (default: video audio; "
-                             "--check-keys uses all four so every key has a home)")
+                        help="data modalities of the converted model (default: hps.json's evaluation task, else "
+                             "video audio; --check-keys uses all four so every key has a home)")
+    parser.add_argument("--image-size", type=int, help="convert for this image size (pos_embed resized bilinearly)")
     parser.add_argument("--beats-cfg", metavar="PT", help="official BEATs checkpoint whose cfg to use")
     parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
                         help="fnmatch patterns of our keys that may stay unfilled (e.g. 'model.projections.depth.*')")
@@ -71,90 +55,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------------ configs
-def base_model_config(path: str | None, beats_cfg: str | None) -> ModelConfig:
-    """gram_base (the schema defaults) or a model yaml, without weight paths; BEATs cfg from a file if given."""
-    cfg = ModelConfig()
-    if path:
-        node = OmegaConf.load(path)
-        for encoder in ("vision", "audio", "text"):  # their ${paths.*} interpolations are not needed here
-            if encoder in node and "weights" in node[encoder]:
-                node[encoder].pop("weights")
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-    if beats_cfg:
-        audio, _ = load_beats_checkpoint(beats_cfg)
-        cfg = dataclasses.replace(cfg, audio=audio)
-    return cfg
+def base_model_config(path, beats_cfg):
+    from gram.released import base_model_config as base
 
-
-def loss_config_for(tau: float) -> LossConfig:
-    """The default (GRAM) loss config holding the checkpoint's temperature, its clamp range widened if needed."""
-    base = LossConfig()
-    return dataclasses.replace(base, temperature_init=tau, temperature_min=min(base.temperature_min, tau),
-                               temperature_max=max(base.temperature_max, tau))
-
-
-def build_meta_task(model_cfg: ModelConfig, loss_cfg: LossConfig) -> GramTask:
-    """The full task on the meta device: shapes only, no memory, no weight file read."""
-    with torch.device("meta"):
-        return GramTask(GramModel(model_cfg), loss_cfg)
+    return base(path, beats_cfg)
 
 
 # ------------------------------------------------------------------------------------------------ conversion
-def load_reference(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise SystemExit(f"error: {path} holds more than tensors, refusing to unpickle it: {err}") from err
-    if not isinstance(state, Mapping):
-        raise SystemExit(f"error: {path} holds a {type(state).__name__}, not a state dict")
-    return unwrap_reference(state)
+def convert(source: str, output: str, args: argparse.Namespace):
+    from gram.models.hub import checkpoint_to_hub
+    from gram.released import convert_released, write_converted
 
-
-def storable(state: Mapping[str, torch.Tensor], task: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Keep one name per shared tensor of our model and give every other key its own storage (safetensors
-    refuses aliased tensors; video and depth copies of one reference tensor must be separate)."""
-    aliases = alias_groups(task)
-    out, seen = {}, set()
-    for key, value in state.items():
-        if aliases.get(key) in state:
-            continue
-        pointer = value.untyped_storage().data_ptr()
-        out[key] = value.clone() if pointer in seen else value.contiguous()
-        seen.add(pointer)
-    return out
-
-
-def convert(source: str, output: str, args: argparse.Namespace) -> ConversionReport:
-    reference = load_reference(source)
-    shapes = {k: tuple(v.shape) for k, v in reference.items()}
-    model_cfg = infer_model_config(shapes, base_model_config(args.model_config, args.beats_cfg),
-                                   args.modalities or ["video", "audio"])
-    if "contra_temp" not in reference:
-        raise CheckpointConversionError(f"{source} has no contra_temp; is it a GRAM checkpoint?")
-    loss_cfg = loss_config_for(float(reference["contra_temp"]))
-    task = build_meta_task(model_cfg, loss_cfg)
-    state, report = convert_state_dict(reference, task, loss_cfg.temperature_parametrization, args.allow_missing)
-    report.raise_if_failed(source)
-    print(report.summary())
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(storable(state, task), str(folder / WEIGHTS), metadata={"format": "pt"})
-    config = {"model": model_config_to_dict(model_cfg), "loss": dataclasses.asdict(loss_cfg),
-              "converted_from": {"file": str(Path(source).resolve()), "dropped": len(report.dropped),
-                                 "skipped": sorted(report.skipped)}}
-    (folder / CONFIG).write_text(json.dumps(config, indent=2))
-    print(f"wrote {folder / WEIGHTS} and {folder / CONFIG}")
+    converted = convert_released(source, args.tokenizer, hps=args.hps, modalities=args.modalities,
+                                 image_size=args.image_size, model_config=args.model_config,
+                                 beats_cfg=args.beats_cfg, allow_missing=args.allow_missing)
+    print(f"converting {converted.source}")
+    print(converted.report.summary())
+    folder = write_converted(converted, output)
+    print(f"wrote {folder}: model.safetensors, config.json, tokenizer/vocab.txt")
     if args.hub:
         print(f"wrote hub layout to {checkpoint_to_hub(folder, args.hub)}")
-    return report
+    return converted.report
 
 
 # ------------------------------------------------------------------------------------------------ key check
-def parameter_counts(model: GramModel) -> dict[str, int]:
+def parameter_counts(model) -> dict[str, int]:
     """Unique parameters per encoder, for the heads and in total (shared tensors counted once)."""
     counts = {f"encoders.{name}": sum(p.numel() for p in enc.parameters()) for name, enc in model.encoders.items()}
     total = sum(p.numel() for p in model.parameters())
@@ -163,7 +88,11 @@ def parameter_counts(model: GramModel) -> dict[str, int]:
     return counts
 
 
-def check_keys(tsv: str, args: argparse.Namespace) -> ConversionReport:
+def check_keys(tsv: str, args: argparse.Namespace):
+    from gram.config import LossConfig
+    from gram.models.convert import convert_state_dict, meta_state, read_key_list, unwrap_reference
+    from gram.released import build_meta_task
+
     keys = read_key_list(tsv)
     reference = meta_state(keys)
     frames = unwrap_reference(reference)
@@ -182,18 +111,24 @@ def check_keys(tsv: str, args: argparse.Namespace) -> ConversionReport:
     return report
 
 
-def _dim(state: Mapping[str, torch.Tensor], key: str, axis: int, default: int) -> int:
+def _dim(state: Mapping, key: str, axis: int, default: int) -> int:
     return state[key].shape[axis] if key in state else default
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = check_keys(args.check_keys, args) if args.check_keys else convert(args.source, args.output, args)
-    except (CheckpointConversionError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0 if report.ok else 1
+    args = parse_args(argv)  # before the heavy imports: --help is instant
+    from gram.cli import run_with_clear_errors
+    from gram.models.convert import CheckpointConversionError
+
+    def work() -> int:
+        try:
+            report = check_keys(args.check_keys, args) if args.check_keys else convert(args.source, args.output, args)
+        except CheckpointConversionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0 if report.ok else 1
+
+    return run_with_clear_errors(work)
 
 
 if __name__ == "__main__":

@@ -166,10 +166,20 @@ def outputs(model: GramModel, batch: dict) -> dict[str, torch.Tensor]:
     return {**out["embeddings"], "condition": out["condition"], "match": logits}
 
 
+def write_vocabulary(folder) -> str:
+    """A small real WordPiece vocabulary (every character, so no word is [UNK]) that fits the tiny text encoder."""
+    from gram.data.tokenizer import train_wordpiece_vocab
+
+    texts = ["A dog is barking", "A dog is howling", "A red cat is meowing", "A black cat is meowing",
+             "a blue square moves left while a low tone plays 0123456789"]
+    return str(train_wordpiece_vocab(texts, folder, vocab_size=200).parent)
+
+
 def convert_file(tmp_path, state, *extra: str):
     path, out = tmp_path / "model_step_10.pt", tmp_path / "converted"
     torch.save(state, path)
-    code = SCRIPT.main([str(path), str(out), "--model-config", str(ROOT / "configs/model/tiny.yaml"), *extra])
+    code = SCRIPT.main([str(path), str(out), "--model-config", str(ROOT / "configs/model/tiny.yaml"),
+                        "--tokenizer", write_vocabulary(tmp_path / "vocab"), *extra])
     return code, out
 
 

@@ -173,9 +173,11 @@ def copy_checkpoint(trained, tmp_path):
 
 
 def test_relative_missing_tokenizer_is_explained(trained, tmp_path, monkeypatch):
+    """A checkpoint written before the vocabulary moved inside names it relative to the run's directory."""
     folder = copy_checkpoint(trained, tmp_path)
     config = json.loads((folder / ckpt.CONFIG).read_text())
-    vocab = config["data"]["tokenizer"]
+    vocab = str(shutil.copytree(folder / config["data"]["tokenizer"], tmp_path / "vocab"))
+    shutil.rmtree(folder / "tokenizer")
     config["data"]["tokenizer"] = "data/sample/tokenizer"
     (folder / ckpt.CONFIG).write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
@@ -192,3 +194,70 @@ def test_weights_load_strictly(trained, tmp_path):
     save_file({k: v for k, v in state.items() if k != dropped}, str(folder / ckpt.WEIGHTS))
     with pytest.raises(RuntimeError, match="projections"):
         load_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------- self-contained
+def test_every_checkpoint_carries_its_vocabulary(trained, sample_root):
+    for folder in ckpt.list_checkpoints(trained):
+        config = json.loads((folder / ckpt.CONFIG).read_text())
+        assert config["data"]["tokenizer"] == "tokenizer"  # relative to the checkpoint folder
+        assert (folder / "tokenizer" / "vocab.txt").read_bytes() == \
+            (sample_root / "tokenizer" / "vocab.txt").read_bytes()
+
+
+def test_load_model_from_another_directory_without_the_dataset(trained, predictor, tmp_path, monkeypatch):
+    folder = copy_checkpoint(trained, tmp_path / "moved")  # the run's own paths play no part
+    monkeypatch.chdir(tmp_path)
+    moved = load_model(folder)
+    captions = ["a red circle moves left", "a low tone"]
+    assert torch.equal(moved.encode_text(captions), predictor.encode_text(captions))
+
+
+def test_tokenize_gives_what_the_model_encodes(predictor):
+    captions = ["a red circle moves left", "a big blue square"]
+    tokens = predictor.tokenize(captions)
+    assert tokens["input_ids"].shape == (2, predictor.data.max_text_len)
+    with torch.no_grad():
+        direct = predictor.model.encode("text", tokens)
+    assert torch.equal(direct, predictor.encode_text(captions))
+    assert not hasattr(predictor.model, "encode_text")  # one name, one thing: encode_text takes strings
+    with pytest.raises(ValueError, match="'text' or 'subtitle'"):
+        predictor.tokenize(captions, modality="video")
+
+
+def test_hub_export_round_trips_through_load_model(trained, predictor, tmp_path, monkeypatch):
+    from gram.models.hub import GramPretrained, checkpoint_to_hub
+
+    hub = checkpoint_to_hub(trained, tmp_path / "hub")
+    assert (hub / "tokenizer" / "vocab.txt").is_file()
+    config = json.loads((hub / "config.json").read_text())
+    assert config["data"]["tokenizer"] == "tokenizer" and config["data"]["test_num_frames"] == 4
+    assert "train" not in config["data"] and "test" not in config["data"]
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model(hub)
+    captions = ["a red circle moves left"]
+    assert torch.equal(loaded.encode_text(captions), predictor.encode_text(captions))
+    video = [torch.randint(0, 255, (6, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(loaded.encode_video(video), predictor.encode_video(video))
+    again = GramPretrained.from_pretrained(hub)  # the mixin's save keeps the preprocessing and the vocabulary
+    again.save_pretrained(tmp_path / "hub2")
+    assert torch.equal(load_model(tmp_path / "hub2").encode_text(captions), predictor.encode_text(captions))
+
+
+def test_hub_folder_without_preprocessing_says_how_to_fix(trained, tmp_path):
+    from gram.models.hub import save_hub_layout
+
+    bare = save_hub_layout(load_model(trained).model, tmp_path / "bare")
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="checkpoint_to_hub"):
+        load_model(bare)
+
+
+def test_mode_test_evaluates_a_hub_folder(trained, sample_root, tmp_path):
+    from gram.models.hub import checkpoint_to_hub
+
+    hub = checkpoint_to_hub(trained, tmp_path / "hub")
+    from_run = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={trained}"),
+                                  output_dir=tmp_path / "a"))["sample"]
+    from_hub = run(compose_config(*sample_overrides(sample_root, "mode=test", f"checkpoint={hub}"),
+                                  output_dir=tmp_path / "b"))["sample"]
+    assert from_hub["t2v_r1"] == from_run["t2v_r1"] and from_hub["scorings"] == from_run["scorings"]

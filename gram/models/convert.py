@@ -184,13 +184,18 @@ def temperature_value(tau: torch.Tensor, parametrization: str) -> torch.Tensor:
     return tau.log()
 
 
+# A GRAM checkpoint converted for another image size gets its position grid resized as the reference's
+# `modify_checkpoint` does: bilinear, no antialiasing, class token kept (raw EVA-CLIP weights use bicubic).
+GRAM_POS_INTERPOLATION = "bilinear"
+
+
 def _vision_state(pairs: Mapping[str, torch.Tensor], trunk: nn.Module | None) -> dict[str, torch.Tensor]:
-    """Our vision keys -> tensors through the vision module's own layout conversion (resizes pos_embed and the
-    patch kernel when the model's image or patch size differs)."""
+    """Our vision keys -> tensors through the vision module's own layout conversion (resizes pos_embed bilinearly
+    and the patch kernel when the model's image or patch size differs)."""
     eva = {"visual." + k[len(_VISION_PREFIX):]: v for k, v in pairs.items()}  # the EVA-CLIP layout
     if "visual.pos_embed" not in eva:  # nothing to resize against; the missing key is reported by the caller
         return dict(pairs)
-    timm_state = load_eva_visual_state(eva, trunk)
+    timm_state = load_eva_visual_state(eva, trunk, pos_interpolation=GRAM_POS_INTERPOLATION)
     return {_VISION_PREFIX + k: v for k, v in timm_state.items()}
 
 

@@ -115,23 +115,10 @@ class GramModel(nn.Module):
         return F.normalize(self.projections[modality](self.pool(modality, tokens, mask)), dim=-1)
 
     def encode(self, modality: str, x: Any) -> torch.Tensor:
-        """(B, D) normalised embedding of one modality's batch input."""
+        """(B, D) normalised embedding of one modality's model-ready batch (text: token dicts). Strings and files
+        are :class:`gram.GramPredictor`'s (``gram.load_model``): its ``encode_text`` takes strings,
+        its ``tokenize`` gives the token dicts this method takes."""
         return self.embed_tokens(modality, self.encode_tokens(modality, x), x)
-
-    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encode("text", text)
-
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        return self.encode("video", video)
-
-    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.encode("audio", audio)
-
-    def encode_subtitle(self, subtitle: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encode("subtitle", subtitle)
-
-    def encode_depth(self, depth: torch.Tensor) -> torch.Tensor:
-        return self.encode("depth", depth)
 
     # ----------------------------------------------------------------------------------------- matching
     def condition_tokens(self, tokens: dict[str, torch.Tensor],

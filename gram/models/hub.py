@@ -1,8 +1,12 @@
-"""Share GRAM models in the Hugging Face hub layout: a folder (or hub repo) with ``config.json`` + ``model.safetensors``.
+"""Share GRAM models in the Hugging Face hub layout: a folder (or hub repo) with ``config.json`` +
+``model.safetensors`` + ``tokenizer/vocab.txt``.
 
-``config.json`` is ``{"format": "gram", "format_version": 1, "model": <ModelConfig as a dict>}`` with the encoders'
-weight paths cleared (the safetensors file holds every weight); ``model.safetensors`` is the ``GramModel`` state
-dict (no ``model.`` prefix, no loss). :class:`GramPretrained` is a ``GramModel`` with ``huggingface_hub``'s
+``config.json`` is ``{"format": "gram", "format_version": 2, "model": <ModelConfig as a dict>, "data": <the
+test-time preprocessing, a DataConfig dict>}`` with the encoders' weight paths cleared (the safetensors file holds
+every weight) and ``data.tokenizer`` = ``"tokenizer"``, the vocabulary inside the folder; ``model.safetensors`` is
+the ``GramModel`` state dict (no ``model.`` prefix, no loss). ``gram.load_model(folder)`` opens such a folder with
+its tokenizer and preprocessing; a model saved without them (``data`` absent, as format_version 1) still loads
+as a model. :class:`GramPretrained` is a ``GramModel`` with ``huggingface_hub``'s
 ``ModelHubMixin``, so ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` work as users expect, with a
 local folder or a hub repo id.
 
@@ -31,7 +35,8 @@ from gram.models.convert import alias_groups
 from gram.models.gram_model import GramModel
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-FORMAT, FORMAT_VERSION = "gram", 1
+VOCAB_NAME = "tokenizer/vocab.txt"
+FORMAT, FORMAT_VERSION = "gram", 2
 # fnmatch patterns of model keys that a hub file may lack; strict by default (shared-tensor aliases are handled
 # separately, see the module docstring).
 MAY_BE_ABSENT: tuple[str, ...] = ()
@@ -58,8 +63,27 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
     return without_pretrained(typed_section(ModelConfig, dict(data), "the model config"))
 
 
-def hub_config(cfg: ModelConfig) -> dict[str, Any]:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg)}
+def hub_config(cfg: ModelConfig, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg)}
+    if data is not None:
+        config["data"] = {k: v for k, v in data.items() if k not in ("train", "test", "shards")}
+    return config
+
+
+def is_hub_config(config: Mapping[str, Any]) -> bool:
+    return config.get("format") == FORMAT and "model" in config
+
+
+def _write_hub_config(folder: Path, cfg: ModelConfig, data: Mapping[str, Any] | None,
+                      vocabulary: str | os.PathLike | None) -> None:
+    """config.json, with the vocabulary copied to tokenizer/vocab.txt when there is preprocessing to ship."""
+    from gram.checkpoint_format import write_config
+
+    if data is not None and vocabulary is None:
+        raise ValueError("a hub export with preprocessing (data) needs its vocabulary: pass vocabulary=")
+    if data is not None:
+        data = {**data, "tokenizer": str(Path(vocabulary).resolve())}
+    write_config(folder, hub_config(cfg, data))
 
 
 def _check_hub_config(config: Mapping[str, Any] | None, source: str) -> Mapping[str, Any]:
@@ -73,17 +97,22 @@ def _check_hub_config(config: Mapping[str, Any] | None, source: str) -> Mapping[
     return config
 
 
-def save_hub_layout(model: GramModel, folder: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for ``model`` into ``folder`` (created); returns the folder."""
+def save_hub_layout(model: GramModel, folder: str | os.PathLike, data: Mapping[str, Any] | None = None,
+                    vocabulary: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``model`` into ``folder`` (created), plus the test-time
+    preprocessing (``data``, a DataConfig dict) and the vocabulary (a folder with vocab.txt, or the file) when
+    given; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(hub_config(model.cfg), indent=2))
+    _write_hub_config(folder, model.cfg, data, vocabulary)
     save_model(model, str(folder / WEIGHTS_NAME))  # keeps one name per shared tensor
     return folder
 
 
 def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                allow_missing: Sequence[str] = MAY_BE_ABSENT) -> None:
+                allow_missing: Sequence[str] = MAY_BE_ABSENT, target: str = f"the model in its {CONFIG_NAME}",
+                fix: str = "Re-export the model, or pass allow_missing=[patterns] for keys that may legitimately "
+                           "be absent.") -> None:
     """Raise :class:`HubLoadError` listing every unexpected, missing (not aliased, not allowed) or mis-shaped key."""
     own = model.state_dict()
     aliases = alias_groups(model)
@@ -94,9 +123,8 @@ def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in state.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise HubLoadError(f"{source} does not fit the model in its {CONFIG_NAME}: missing={missing}, "
-                           f"unexpected={unexpected}, shape mismatches={shapes}. Re-export the model, or pass "
-                           "allow_missing=[patterns] for keys that may legitimately be absent.")
+        raise HubLoadError(f"{source} does not fit {target}: missing={missing}, unexpected={unexpected}, "
+                           f"shape mismatches={shapes}. {fix}")
 
 
 def load_state_strict(model: torch.nn.Module, path: str | os.PathLike, allow_missing: Sequence[str] = MAY_BE_ABSENT,
@@ -123,11 +151,16 @@ class GramPretrained(GramModel, ModelHubMixin, library_name="gram", tags=["gram"
     """``GramModel`` with ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` (hub layout, strict load).
 
     ``GramPretrained.from_pretrained(folder_or_repo, map_location="cpu", allow_missing=())`` returns the model
-    in eval mode.
+    in eval mode, with ``preprocessing`` (the DataConfig dict, or None) and ``vocabulary`` (the vocab.txt path, or
+    None) of the export; ``save_pretrained`` writes them back. Embedding files and strings is
+    ``gram.load_model(folder)``'s job (a :class:`gram.GramPredictor`); this class works on model-ready tensors.
     """
 
+    preprocessing: dict[str, Any] | None = None
+    vocabulary: Path | None = None
+
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_hub_layout(self, save_directory)
+        save_hub_layout(self, save_directory, self.preprocessing, self.vocabulary)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
@@ -144,24 +177,30 @@ class GramPretrained(GramModel, ModelHubMixin, library_name="gram", tags=["gram"
         with torch.device(map_location):
             model = cls(cfg)
         load_state_strict(model, _resolve(model_id, WEIGHTS_NAME, **download), allow_missing, map_location)
+        if config.get("data") is not None:
+            model.preprocessing = dict(config["data"])
+            model.vocabulary = Path(_resolve(model_id, VOCAB_NAME, **download))
         return model.eval()
 
 
 def checkpoint_to_hub(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Our training checkpoint folder (task weights ``model.*``/``loss.*`` + run config) -> hub layout folder.
+    """Our checkpoint folder (task weights ``model.*``/``loss.*`` + run config) -> hub layout folder, with the
+    checkpoint's test-time preprocessing and vocabulary.
 
     The loss (temperature) is not part of the shared model; the keys are checked against a meta build first.
     """
-    from gram.checkpoint_format import read_config, resolve_checkpoint
+    from gram.checkpoint_format import read_config, resolve_checkpoint, tokenizer_location
 
     source = resolve_checkpoint(checkpoint)
-    cfg = model_config_from_dict(read_config(source)["model"])
+    saved = read_config(source)
+    cfg = model_config_from_dict(saved["model"])
+    data = saved.get("data")
     state = {k.removeprefix("model."): v for k, v in load_file(str(source / WEIGHTS_NAME)).items()
              if k.startswith("model.")}
     with torch.device("meta"):
         check_state(GramModel(cfg), state, str(source))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(hub_config(cfg), indent=2))
+    _write_hub_config(folder, cfg, data, tokenizer_location(source, saved) if data is not None else None)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder

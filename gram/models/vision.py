@@ -184,10 +184,12 @@ def _detect_prefix(state: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _resize_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _resize_to_model(state: dict[str, torch.Tensor], model: nn.Module,
+                     pos_interpolation: str = "bicubic") -> dict[str, torch.Tensor]:
     """Resample ``pos_embed`` and the patch kernel when the model's image or patch size differs.
 
-    Bicubic without antialiasing, as EVA-CLIP's own loader does (``factory.py`` resize_evaclip_pos_embed).
+    Without antialiasing; the kernel bicubic as EVA-CLIP's own loader does (``factory.py``), the position grid by
+    ``pos_interpolation`` (the class token is kept as it is).
     """
     kernel = model.patch_embed.proj.weight  # (width, 3, p, p)
     if (
@@ -205,21 +207,24 @@ def _resize_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
             state["pos_embed"],
             new_size=list(model.patch_embed.grid_size),
             num_prefix_tokens=1,
-            interpolation="bicubic",
+            interpolation=pos_interpolation,
             antialias=False,
         )
     return state
 
 
 def load_eva_visual_state(
-    source: str | os.PathLike | Mapping[str, torch.Tensor], model: nn.Module | None = None
+    source: str | os.PathLike | Mapping[str, torch.Tensor], model: nn.Module | None = None,
+    pos_interpolation: str = "bicubic",
 ) -> dict[str, torch.Tensor]:
     """EVA visual weights in timm key names, from a file path or an already loaded state dict.
 
     Accepts the original EVA-CLIP layout (``visual.*``, optionally under ``model|module|state_dict`` and with a
     ``module.`` prefix), open_clip's (``visual.trunk.*``) and timm's (no prefix). Non-visual keys (text tower,
     ``logit_scale``) are dropped. With ``model`` (a timm ``Eva``), ``pos_embed`` and the patch kernel are resized
-    to the model's image and patch size.
+    to the model's image and patch size; ``pos_interpolation`` is how ``pos_embed`` is resampled: "bicubic" for raw
+    EVA-CLIP weights (EVA-CLIP's own loader), "bilinear" for a trained GRAM checkpoint (the reference's
+    ``modify_checkpoint``).
     """
     state = _read_state_file(source) if isinstance(source, (str, os.PathLike)) else source
     state = _unwrap(state)
@@ -228,7 +233,7 @@ def load_eva_visual_state(
     if prefix == "":
         # A timm file has no prefix, so a stray text tower would pass through; keep only visual-looking keys.
         out = {k: v for k, v in out.items() if not k.startswith(("text.", "logit_scale"))}
-    return _resize_to_model(out, model) if model is not None else out
+    return _resize_to_model(out, model, pos_interpolation) if model is not None else out
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

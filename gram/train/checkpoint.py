@@ -4,6 +4,7 @@ corrupts the last good checkpoint.
     <output_dir>/checkpoints/step_00000100/
         model.safetensors   weights of the task (model.* and loss.*)
         config.json         the resolved run config: rebuilds the right model with no extra flags
+        tokenizer/vocab.txt the run's vocabulary (config.json's data.tokenizer points here, relative)
         train_state.pt      optimizer, scheduler, grad scaler, step, data position, best metric
         rng_rank{r}.pt      RNG states of every rank
     <output_dir>/checkpoints/best -> the best step by the configured metric (a symlink)
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import random
@@ -43,6 +43,7 @@ from gram.checkpoint_format import (
     read_config,
     resolve_checkpoint,
     save_weights,
+    write_config,
 )
 from gram.cli import UserError
 from gram.train.launch import first_error
@@ -96,7 +97,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, config
     def write_and_publish() -> None:
         if main:
             save_weights(module, tmp / WEIGHTS)
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+            write_config(tmp, config)  # config.json + the vocabulary inside the folder
             torch.save(train_state, tmp / TRAIN_STATE)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
