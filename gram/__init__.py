@@ -7,16 +7,55 @@ Public API:
     retrieval_metrics(scores, tgt)   R@1/5/10, MedR, MeanR with pessimistic ties (gram.eval)
     read_annotations(path)           GRAM/VAST annotation files (gram.data)
     load_model(path, device)         a trained model with its tokenizer and test-time preprocessing (gram.inference)
+
+The names are imported on first use (PEP 562), so `import gram.cli` (every script's entry point) does not pull in
+torch and transformers before a script has parsed its arguments: `--help` answers at once.
 """
 
-from gram.config import GramConfig, ModelConfig
-from gram.data.annotations import read_annotations
-from gram.eval.metrics import retrieval_metrics
-from gram.inference import GramPredictor, load_model
-from gram.losses import LossConfig, build_loss, volume
-from gram.models.gram_model import GramModel
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GramConfig", "GramModel", "GramPredictor", "load_model", "LossConfig", "ModelConfig", "build_loss", "read_annotations",
-           "retrieval_metrics", "volume", "__version__"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "GramConfig": "gram.config",
+    "ModelConfig": "gram.config",
+    "read_annotations": "gram.data.annotations",
+    "retrieval_metrics": "gram.eval.metrics",
+    "GramPredictor": "gram.inference",
+    "load_model": "gram.inference",
+    "LossConfig": "gram.losses",
+    "build_loss": "gram.losses",
+    "volume": "gram.losses",
+    "GramModel": "gram.models.gram_model",
+}
+
+__all__ = ["GramConfig", "GramModel", "GramPredictor", "LossConfig", "ModelConfig", "build_loss", "load_model",
+           "read_annotations", "retrieval_metrics", "volume", "__version__"]
+
+
+assert set(__all__) == {*_EXPORTS, "__version__"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gram' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from gram.config import GramConfig, ModelConfig
+    from gram.data.annotations import read_annotations
+    from gram.eval.metrics import retrieval_metrics
+    from gram.inference import GramPredictor, load_model
+    from gram.losses import LossConfig, build_loss, volume
+    from gram.models.gram_model import GramModel

@@ -96,8 +96,8 @@ def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, 
     mods = cfg.model.modalities
     train = VideoTextDataset(cfg.data.train, cfg.data, mods, training=True, seed=cfg.seed) \
         if training and cfg.data.train and not cfg.data.shards else None
-    test = VideoTextDataset(cfg.data.test, cfg.data, mods, training=False, allow_missing=cfg.eval.allow_missing) \
-        if cfg.data.test else None
+    test = VideoTextDataset(cfg.data.test, cfg.data, mods, training=False, allow_missing=cfg.eval.allow_missing,
+                            report_dir=cfg.output_dir) if cfg.data.test else None
     return train, test
 
 
