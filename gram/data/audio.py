@@ -44,6 +44,29 @@ class NoAudioStreamError(MediaError):
     """The file decodes but has no audio stream (e.g. a video without sound)."""
 
 
+class TruncatedMediaError(MediaDecodeError):
+    """The file ends before the data its own index points to (e.g. a half-downloaded MP4 whose index sits at
+    the start): it would decode as a shorter clip without any error from FFmpeg."""
+
+
+def raise_if_truncated(stream: av.stream.Stream, path: str | Path, entries: list | None = None) -> None:
+    """Raise :class:`TruncatedMediaError` when the container's index of ``stream`` points past the end of the file.
+
+    MP4/MOV (and AVI, Matroska cues) index every packet or keyframe by byte position; a file cut short (an
+    interrupted download or copy) keeps that index when it is written first ("faststart"), so FFmpeg simply
+    stops early. Comparing the index with the bytes present needs no decoding. ``entries``: the stream's
+    ``index_entries`` when the caller has listed them already (each listing builds an object per packet).
+    """
+    size = Path(path).stat().st_size
+    entries = stream.index_entries if entries is None else entries
+    needed = max((e.pos + max(e.size, 0) for e in entries if e.pos >= 0), default=0)
+    if needed > size:
+        raise TruncatedMediaError(
+            f"{path} is truncated: its index needs {needed} bytes of {stream.type} data but the file has {size} "
+            f"({100 * size / needed:.0f} %), so it would decode as a shorter clip (an interrupted download or "
+            f"copy?); fetch the file again")
+
+
 def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Decode the audio of ``path`` (by content, not by extension) to mono float32 at ``sample_rate``.
 
@@ -75,6 +98,7 @@ def _decode_audio(path: Path) -> tuple[np.ndarray, int]:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise NoAudioStreamError(f"no audio stream in {path}; use silent_clips() for such a clip")
+            raise_if_truncated(container.streams.audio[0], path)
             chunks, rate = _decode_stream(container, container.streams.audio[0])
     except (av.FFmpegError, ValueError) as err:
         # PyAV raises ValueError when a stream changes its layout or rate mid-file (the resampler cannot follow).

@@ -46,10 +46,10 @@ class UnusableItemsError(UserError):
     def __init__(self, split: str, unusable: dict[str, str], listing: Path | None, what: str = "unusable"):
         ids = list(unusable)
         shown = ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
-        first = unusable[ids[0]]
-        where = f"every id with its reason in {listing}" if listing else f"first reason: {first}"
+        first = " ".join(unusable[ids[0]].split())
+        where = f"; every id with its reason in {listing}" if listing else ""
         super().__init__(
-            f"{len(ids)} item(s) of {split} are {what}: {shown} ({where}). Evaluation never drops items silently: fix "
+            f"{len(ids)} item(s) of {split} are {what}: {shown} ({ids[0]}: {first}{where}). Evaluation never drops items silently: fix "
             f"or remove them (scripts/check_dataset.py --strict finds them all), or set eval.allow_missing=true to "
             f"evaluate the rest (the results then report how many items were evaluated)")
         self.unusable, self.listing = dict(unusable), listing
