@@ -26,28 +26,20 @@ import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from gram.cli import UserError, run_with_clear_errors
 
-from gram.checkpoint_format import CONFIG, WEIGHTS
-from gram.config import DATA_MODALITIES, ModelConfig
-from gram.losses import LossConfig
-from gram.models.beats import load_beats_checkpoint
-from gram.models.convert import (
-    CheckpointConversionError,
-    ConversionReport,
-    alias_groups,
-    convert_state_dict,
-    infer_model_config,
-    meta_state,
-    read_key_list,
-    unwrap_reference,
-)
-from gram.models.gram_model import GramModel
-from gram.models.hub import checkpoint_to_hub, model_config_to_dict
-from gram.train.task import GramTask
+if TYPE_CHECKING:  # torch, transformers and timm load after the arguments are parsed: --help answers at once
+    import torch
+
+    from gram.config import ModelConfig
+    from gram.losses import LossConfig
+    from gram.models.convert import ConversionReport
+    from gram.models.gram_model import GramModel
+    from gram.train.task import GramTask
+
+DATA_MODALITIES = ("video", "audio", "subtitle", "depth")  # gram.config.DATA_MODALITIES, without importing torch
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,6 +64,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ configs
 def base_model_config(path: str | None, beats_cfg: str | None) -> ModelConfig:
     """gram_base (the schema defaults) or a model yaml, without weight paths; BEATs cfg from a file if given."""
+    from omegaconf import OmegaConf
+
+    from gram.config import ModelConfig
+    from gram.models.beats import load_beats_checkpoint
+
     cfg = ModelConfig()
     if path:
         node = OmegaConf.load(path)
@@ -87,6 +84,8 @@ def base_model_config(path: str | None, beats_cfg: str | None) -> ModelConfig:
 
 def loss_config_for(tau: float) -> LossConfig:
     """The default (GRAM) loss config holding the checkpoint's temperature, its clamp range widened if needed."""
+    from gram.losses import LossConfig
+
     base = LossConfig()
     return dataclasses.replace(base, temperature_init=tau, temperature_min=min(base.temperature_min, tau),
                                temperature_max=max(base.temperature_max, tau))
@@ -94,27 +93,38 @@ def loss_config_for(tau: float) -> LossConfig:
 
 def build_meta_task(model_cfg: ModelConfig, loss_cfg: LossConfig) -> GramTask:
     """The full task on the meta device: shapes only, no memory, no weight file read."""
+    import torch
+
+    from gram.models.gram_model import GramModel
+    from gram.train.task import GramTask
+
     with torch.device("meta"):
         return GramTask(GramModel(model_cfg), loss_cfg)
 
 
 # ------------------------------------------------------------------------------------------------ conversion
 def load_reference(path: str | Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    from gram.models.convert import unwrap_reference
+
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise SystemExit(f"error: {path} holds more than tensors, refusing to unpickle it: {err}") from err
+        raise UserError(f"{path} holds more than tensors, refusing to unpickle it: {err}") from err
     if not isinstance(state, Mapping):
-        raise SystemExit(f"error: {path} holds a {type(state).__name__}, not a state dict")
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     return unwrap_reference(state)
 
 
 def storable(state: Mapping[str, torch.Tensor], task: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Keep one name per shared tensor of our model and give every other key its own storage (safetensors
     refuses aliased tensors; video and depth copies of one reference tensor must be separate)."""
+    from gram.models.convert import alias_groups
+
     aliases = alias_groups(task)
     out, seen = {}, set()
     for key, value in state.items():
@@ -127,6 +137,12 @@ def storable(state: Mapping[str, torch.Tensor], task: torch.nn.Module) -> dict[s
 
 
 def convert(source: str, output: str, args: argparse.Namespace) -> ConversionReport:
+    from safetensors.torch import save_file
+
+    from gram.checkpoint_format import CONFIG, WEIGHTS
+    from gram.models.convert import CheckpointConversionError, convert_state_dict, infer_model_config
+    from gram.models.hub import checkpoint_to_hub, model_config_to_dict
+
     reference = load_reference(source)
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     model_cfg = infer_model_config(shapes, base_model_config(args.model_config, args.beats_cfg),
@@ -162,6 +178,9 @@ def parameter_counts(model: GramModel) -> dict[str, int]:
 
 
 def check_keys(tsv: str, args: argparse.Namespace) -> ConversionReport:
+    from gram.losses import LossConfig
+    from gram.models.convert import convert_state_dict, meta_state, read_key_list, unwrap_reference
+
     keys = read_key_list(tsv)
     reference = meta_state(keys)
     frames = unwrap_reference(reference)
@@ -186,6 +205,8 @@ def _dim(state: Mapping[str, torch.Tensor], key: str, axis: int, default: int) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from gram.models.convert import CheckpointConversionError  # torch: after the arguments
+
     try:
         report = check_keys(args.check_keys, args) if args.check_keys else convert(args.source, args.output, args)
     except (CheckpointConversionError, ValueError, FileNotFoundError) as err:
@@ -195,4 +216,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_clear_errors(main))

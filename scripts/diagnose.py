@@ -17,10 +17,12 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gram.config import DatasetConfig
-from gram.eval.geometry import format_report, geometry_report, save_plots
-from gram.inference import load_model
+from gram.cli import UserError, run_with_clear_errors
+
+if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
+    from gram.config import DatasetConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,30 +32,38 @@ def split_from_config(name: str, split: str, overrides: Sequence[str]) -> Datase
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from gram.config import register_configs
+    from gram.config import DatasetConfig, register_configs
     from gram.main import prepare_sample_data, to_dataclass
 
     if not (CONFIGS / "data" / f"{name}.yaml").is_file():
         known = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
-        raise SystemExit(f"--data {name}: no configs/data/{name}.yaml and no such annotation file; "
+        raise UserError(f"--data {name}: no configs/data/{name}.yaml and no such annotation file; "
                          f"data configs: {', '.join(known)}")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        node = compose(config_name="config", overrides=[f"data={name}", "output_dir=unused", *overrides])
-    cfg = to_dataclass(node)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            node = compose(config_name="config", overrides=[f"data={name}", "output_dir=unused", *overrides])
+        cfg = to_dataclass(node)
+    except (HydraException, OmegaConfBaseException) as err:  # a wrong override key or value: one line
+        raise UserError(f"--data {name} {' '.join(overrides)}: {' '.join(str(err).split())}") from err
     prepare_sample_data(cfg)
     chosen = getattr(cfg.data, split)
     if chosen is None:
-        raise SystemExit(f"--data {name} has no {split!r} split; use --split {'test' if split == 'train' else 'train'}")
+        raise UserError(f"--data {name} has no {split!r} split; use --split {'test' if split == 'train' else 'train'}")
     return OmegaConf.to_object(OmegaConf.structured(chosen)) if not isinstance(chosen, DatasetConfig) else chosen
 
 
 def resolve_split(args: argparse.Namespace) -> DatasetConfig:
     """An annotation file (with --video-dir/--audio-dir) or a data config name."""
+    from gram.config import DatasetConfig
+
     path = Path(args.data)
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
-            raise SystemExit(f"--data {path}: annotation file not found")
+            raise UserError(f"--data {path}: annotation file not found")
         return DatasetConfig(annotations=str(path), video_dir=args.video_dir, audio_dir=args.audio_dir,
                              depth_dir=args.depth_dir)
     return split_from_config(args.data, args.split, args.overrides)
@@ -80,6 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the diagnostics; returns the report as a dict (also written to geometry.json)."""
     args = parse_args(argv)
+    from gram.eval.geometry import format_report, geometry_report, save_plots
+    from gram.inference import load_model
+
     split = resolve_split(args)
     predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size)
     embeddings = predictor.embed_split(split, limit=args.max_items, num_workers=args.num_workers)
@@ -94,4 +107,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_clear_errors(main)

@@ -38,9 +38,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+from gram.cli import UserError, run_with_clear_errors
 from gram.data.annotations import read_annotations, resolve_media, segment_of
-from gram.data.audio import MediaDecodeError, MediaError
-from gram.data.video import reencode_video
+from gram.data.errors import MediaDecodeError, MediaError
 
 AUDIO_RATE = 16000
 AUDIO_CODECS = {"mp3": "libmp3lame", "wav": "pcm_s16le"}
@@ -185,6 +185,8 @@ def _reencode(video_id: str, src: Path, opts: Options, segment: tuple[float, flo
         info = probe(dst)
         return {"video": str(dst), "frames": info["frames"], "fps": info["fps"],
                 "width": info["width"], "height": info["height"], "duration": info["duration"]}
+    from gram.data.video import reencode_video  # torch: imported once there is work to do
+
     tmp = dst.with_name(dst.stem + ".partial.mp4")
     start, end = segment if segment else (None, None)
     info = reencode_video(src, tmp, fps=opts.fps, short_side=opts.short_side, gop_seconds=opts.gop_seconds,
@@ -225,7 +227,7 @@ def _prepare_star(job: tuple[str, Path, Options, tuple[float, float] | None]) ->
 def run(videos: Path, opts: Options, annotations: Path | None, extensions: list[str], workers: int) -> dict:
     """Prepare every video; returns (and writes to ``<out>/manifest.json``) the manifest."""
     if not videos.is_dir():
-        raise SystemExit(f"error: --videos {videos} is not a folder")
+        raise UserError(f"--videos {videos} is not a folder")
     found, missing = find_videos(videos, annotations, extensions)
     for folder in ("audios", "videos") if opts.reencode else ("audios",):
         (opts.out / folder).mkdir(parents=True, exist_ok=True)
@@ -288,4 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_clear_errors(main))

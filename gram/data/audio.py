@@ -23,48 +23,18 @@ import numpy as np
 import torch
 import torchaudio
 
+from gram.data.errors import (  # noqa: F401  (re-exported: the media errors' historical home)
+    MediaDecodeError,
+    MediaError,
+    MediaNotFoundError,
+    NoAudioStreamError,
+    TruncatedMediaError,
+    raise_if_truncated,
+)
+
 SAMPLE_RATE = 16000
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
-
-
-class MediaError(Exception):
-    """Base class of every media-reading error; the message names the file."""
-
-
-class MediaDecodeError(MediaError):
-    """The file is missing, unreadable, or not a decodable media file."""
-
-
-class MediaNotFoundError(MediaDecodeError, FileNotFoundError):
-    """The file does not exist (a :class:`MediaDecodeError` that is also a ``FileNotFoundError``)."""
-
-
-class NoAudioStreamError(MediaError):
-    """The file decodes but has no audio stream (e.g. a video without sound)."""
-
-
-class TruncatedMediaError(MediaDecodeError):
-    """The file ends before the data its own index points to (e.g. a half-downloaded MP4 whose index sits at
-    the start): it would decode as a shorter clip without any error from FFmpeg."""
-
-
-def raise_if_truncated(stream: av.stream.Stream, path: str | Path, entries: list | None = None) -> None:
-    """Raise :class:`TruncatedMediaError` when the container's index of ``stream`` points past the end of the file.
-
-    MP4/MOV (and AVI, Matroska cues) index every packet or keyframe by byte position; a file cut short (an
-    interrupted download or copy) keeps that index when it is written first ("faststart"), so FFmpeg simply
-    stops early. Comparing the index with the bytes present needs no decoding. ``entries``: the stream's
-    ``index_entries`` when the caller has listed them already (each listing builds an object per packet).
-    """
-    size = Path(path).stat().st_size
-    entries = stream.index_entries if entries is None else entries
-    needed = max((e.pos + max(e.size, 0) for e in entries if e.pos >= 0), default=0)
-    if needed > size:
-        raise TruncatedMediaError(
-            f"{path} is truncated: its index needs {needed} bytes of {stream.type} data but the file has {size} "
-            f"({100 * size / needed:.0f} %), so it would decode as a shorter clip (an interrupted download or "
-            f"copy?); fetch the file again")
 
 
 def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
