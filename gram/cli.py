@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -48,3 +50,12 @@ def run_with_clear_errors(fn: Callable[[], object]) -> object:
         message = " ".join(str(error).split("\n")) or type(error).__name__
         print(f"error: {message}  (set GRAM_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a wrong argument is one line (``error: prog: message (see prog --help)``) and exit
+    status 2, like every other user error, instead of the usage block followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {' '.join(message.split())}  (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)

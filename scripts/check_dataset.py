@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gram.cli import UserError, run_with_clear_errors  # light: --help answers before torch and PyAV load
+from gram.cli import ArgumentParser, UserError, run_with_clear_errors  # light: no torch before --help
 
 if TYPE_CHECKING:
     from gram.config import DatasetConfig
@@ -199,7 +199,7 @@ def write_problems(path: Path, problems: list[tuple[str, str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, 1 (``--strict`` and problems found) or 2 (bad arguments or an unreadable annotation file)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", type=Path, help="a data config (configs/data/<name>.yaml)")
     parser.add_argument("--split", choices=("train", "test"), default="test")

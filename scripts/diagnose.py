@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gram.cli import UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, run_with_clear_errors
 
 if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
     from gram.config import DatasetConfig
@@ -70,7 +70,7 @@ def resolve_split(args: argparse.Namespace) -> DatasetConfig:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training output dir")
     p.add_argument("--data", required=True, help="a data config name (configs/data/) or an annotation JSON file")
     p.add_argument("--split", choices=("train", "test"), default="test", help="split of a data config")

@@ -38,7 +38,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from gram.cli import UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, run_with_clear_errors
 from gram.data.annotations import read_annotations, resolve_media, segment_of
 from gram.data.errors import MediaDecodeError, MediaError
 
@@ -264,7 +264,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--videos", type=Path, required=True, help="folder of downloaded videos <id>.<ext>")
     parser.add_argument("--out", type=Path, required=True, help="output folder (audios/, videos/, manifest.json)")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gram.cli import UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, run_with_clear_errors
 
 if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
     import torch
@@ -232,7 +232,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training output dir")
     p.add_argument("--videos", type=Path, help="folder of videos to index")
     p.add_argument("--audio-dir", type=Path, help="folder of audio files named like the videos (optional)")
