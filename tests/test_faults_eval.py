@@ -58,7 +58,7 @@ def replace(path: Path, data: bytes) -> None:
 
 def faststart_copy(src: Path, dst: Path) -> Path:
     """``src`` remuxed with its index (moov) at the start, as web downloads are."""
-    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4", options={"movflags": "faststart"}) as out:
         streams = {s.index: out.add_stream_from_template(s) for s in inp.streams if s.type in ("video", "audio")}
         for packet in inp.demux():
             if packet.dts is None or packet.stream.index not in streams:
@@ -70,7 +70,7 @@ def faststart_copy(src: Path, dst: Path) -> Path:
 
 def half_downloaded(src: Path, dst: Path) -> Path:
     """A faststart copy of ``src`` cut at half its size."""
-    full = faststart_copy(src, dst.with_name("full_" + dst.name)).read_bytes()
+    full = faststart_copy(src, dst.with_name(dst.name + ".full")).read_bytes()  # not a video name: never indexed
     assert full.find(b"moov") < full.find(b"mdat")  # the index comes first
     dst.write_bytes(full[: len(full) // 2])
     return dst
@@ -273,20 +273,46 @@ def test_every_script_main_goes_through_run_with_clear_errors():
         assert "run_with_clear_errors(main)" in tail, path.name
 
 
+def _script_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"gram_scripts_faults_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_argument_errors_are_one_line_in_a_real_process():
+    for top_k in ("0", "-2"):
+        line = one_line_error(script("retrieve.py", "--checkpoint", "x", "--videos", ".", "--top-k", top_k))
+        assert "--top-k" in line and top_k in line
+
+
 @pytest.mark.parametrize("name, args, culprit", [
-    ("retrieve.py", ["--checkpoint", "x", "--videos", ".", "--top-k", "0"], "--top-k"),
-    ("retrieve.py", ["--checkpoint", "x", "--videos", ".", "--top-k", "-2"], "--top-k"),
-    ("retrieve.py", ["--checkpoint", "x", "--index", "no_such.safetensors"], "no_such.safetensors"),
-    ("check_dataset.py", ["--annotations", "no_such.json"], "no_such.json"),
-    ("make_shards.py", ["--annotations", "no_such.json", "--video-dir", ".", "--out", "o"], "no_such.json"),
-    ("prepare_dataset.py", ["--videos", "no_such_folder", "--out", "o"], "no_such_folder"),
-    ("make_depth.py", ["--videos", "no_such_folder", "--out", "o"], "no_such_folder"),
-    ("convert_checkpoint.py", ["no_such.pt", "out"], "no_such.pt"),
-    ("diagnose.py", ["--checkpoint", "x", "--data", "no_such.json", "--output-dir", "o"], "no_such.json"),
+    ("retrieve", ["--checkpoint", "x", "--index", "no_such.safetensors"], "no_such.safetensors"),
+    ("retrieve", ["--checkpoint", "x", "--videos", ".", "--batch-size", "0"], "--batch-size"),
+    ("check_dataset", ["--annotations", "no_such.json"], "no_such.json"),
+    ("check_dataset", ["--config", "no_such.yaml"], "no_such.yaml"),
+    ("make_shards", ["--annotations", "no_such.json", "--video-dir", ".", "--out", "o"], "no_such.json"),
+    ("prepare_dataset", ["--videos", "no_such_folder", "--out", "o"], "no_such_folder"),
+    ("make_depth", ["--videos", "no_such_folder", "--out", "o"], "no_such_folder"),
+    ("convert_checkpoint", ["no_such.pt", "out"], "no_such.pt"),
+    ("diagnose", ["--checkpoint", "x", "--data", "no_such.json", "--output-dir", "o"], "no_such.json"),
+    ("diagnose", ["--checkpoint", "x", "--data", "no_such_config", "--output-dir", "o"], "no_such_config"),
 ])
-def test_scripts_turn_a_bad_input_into_one_line(name, args, culprit, tmp_path, monkeypatch):
+def test_scripts_turn_a_bad_input_into_one_line(name, args, culprit, tmp_path, monkeypatch, capsys):
+    """Each script's main as its `__main__` block runs it (checked above): one line naming the culprit, status 2."""
+    from gram.cli import run_with_clear_errors
+
+    module = _script_module(name)
     monkeypatch.chdir(tmp_path)
-    assert culprit in one_line_error(script(name, *args))
+    monkeypatch.delenv("GRAM_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run_with_clear_errors(lambda: module.main(args))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------- retrieve.py
@@ -301,17 +327,36 @@ def clips(sample_root, tmp_path_factory) -> dict:
     return split
 
 
+def retrieve_main(*args: str) -> tuple[int, str, str]:
+    """scripts/retrieve.py as its `__main__` runs it, in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from gram.cli import run_with_clear_errors
+
+    module = _script_module("retrieve")
+    out, err, code, stdin = io.StringIO(), io.StringIO(), 0, sys.stdin
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.stdin = io.StringIO("")  # no queries on stdin
+        try:
+            run_with_clear_errors(lambda: module.main(list(args)))
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            sys.stdin = stdin
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_retrieve_skips_and_lists_broken_clips_and_prints_json(checkpoint, clips, tmp_path):
-    index = tmp_path / "index.safetensors"
-    proc = script("retrieve.py", "--checkpoint", str(checkpoint), "--videos", str(clips["videos"]), "--audio-dir",
-                  str(clips["audios"]), "--device", "cpu", "--save-index", str(index), "--top-k", "2", "--json",
-                  "--query", clips["records"][0]["desc"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, stdout, stderr = retrieve_main(
+        "--checkpoint", str(checkpoint), "--videos", str(clips["videos"]), "--audio-dir", str(clips["audios"]),
+        "--device", "cpu", "--top-k", "2", "--json", "--query", clips["records"][0]["desc"])
+    assert code == 0, stderr
     broken, cut = clips["ids"][1], clips["ids"][3]
-    skipped_lines = [line for line in proc.stderr.splitlines() if line.startswith("skipped ")]
+    skipped_lines = [line for line in stderr.splitlines() if line.startswith("skipped ")]
     assert len(skipped_lines) == 2 and broken in skipped_lines[0] and "truncated" in skipped_lines[1]
-    assert "indexed 3 of 5 videos" in proc.stderr
-    doc = json.loads(proc.stdout)
+    assert "indexed 3 of 5 videos" in stderr
+    doc = json.loads(stdout)
     assert doc["n_videos"] == 3 and set(Path(p).stem for p in doc["skipped"]) == {broken, cut}
     assert len(doc["weights_sha256"]) == 64
     (query,) = doc["queries"]
@@ -327,8 +372,9 @@ def test_retrieve_refuses_an_index_built_with_other_weights(checkpoint, clips, t
     from safetensors import safe_open
 
     index = tmp_path / "index.safetensors"
-    assert script("retrieve.py", "--checkpoint", str(checkpoint), "--videos", str(clips["videos"]), "--device", "cpu",
-                  "--save-index", str(index)).returncode == 0
+    code, _, stderr = retrieve_main("--checkpoint", str(checkpoint), "--videos", str(clips["videos"]), "--device",
+                                    "cpu", "--save-index", str(index))
+    assert code == 0, stderr
     with safe_open(str(index), framework="pt") as f:
         built_with = f.metadata()["weights_sha256"]
     other = tmp_path / "other"  # the same config, other weights
@@ -337,10 +383,11 @@ def test_retrieve_refuses_an_index_built_with_other_weights(checkpoint, clips, t
     data = bytearray(weights.read_bytes())
     data[-8:] = bytes(8)  # change the last weight's bytes; the file stays valid
     weights.write_bytes(bytes(data))
-    proc = script("retrieve.py", "--checkpoint", str(other), "--index", str(index), "--device", "cpu",
-                  "--query", "a clip")
-    line = one_line_error(proc)
-    assert built_with[:16] in line and str(other) in line and "--allow-other-weights" in line
-    proc = script("retrieve.py", "--checkpoint", str(other), "--index", str(index), "--device", "cpu",
-                  "--query", "a clip", "--allow-other-weights")
-    assert proc.returncode == 0 and "warning:" in proc.stderr and built_with[:16] in proc.stderr
+    query = ("--index", str(index), "--device", "cpu", "--query", "a clip")
+    code, _, stderr = retrieve_main("--checkpoint", str(other), *query)
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr
+    assert built_with[:16] in lines[0] and str(other) in lines[0] and "--allow-other-weights" in lines[0]
+    code, stdout, stderr = retrieve_main("--checkpoint", str(other), *query, "--allow-other-weights")
+    assert code == 0 and "warning:" in stderr and built_with[:16] in stderr and "query: a clip" in stdout
+    assert retrieve_main("--checkpoint", str(checkpoint), *query)[0] == 0  # its own weights: no complaint
