@@ -204,6 +204,7 @@ def test_a_duplicated_test_id_is_refused(sample_root, checkpoint, tmp_path):
     assert f"{split['ids'][2]} (x2)" in message and str(split["annotations"]) in message and "\n" not in message
 
 
+@pytest.mark.slow  # a real `python run.py` process
 def test_run_py_names_an_undecodable_test_clip_in_one_line(sample_root, checkpoint, tmp_path):
     split = make_split(sample_root, tmp_path / "split", n=4)
     broken = split["ids"][1]
