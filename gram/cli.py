@@ -59,3 +59,23 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {self.prog}: {' '.join(message.split())}  (see {self.prog} --help)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--top-k``, ``--batch-size``, ``--workers``)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (``--num-workers``)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value

@@ -27,7 +27,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gram.cli import ArgumentParser, UserError, run_with_clear_errors  # light: no torch before --help
+# gram.cli is light: --help answers before torch and PyAV load
+from gram.cli import ArgumentParser, UserError, positive_int, run_with_clear_errors
 
 if TYPE_CHECKING:
     from gram.config import DatasetConfig
@@ -230,13 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = sum(result["counts"].get(p, 0) for p in PROBLEMS)
     print(f"{bad} problems; ids written to {args.missing_out}" if bad else "no problems found")
     return 1 if bad and args.strict else 0
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":

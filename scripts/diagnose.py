@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gram.cli import ArgumentParser, UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_with_clear_errors
 
 if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
     from gram.config import DatasetConfig
@@ -78,11 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audio-dir", help="audio folder (with an annotation file; default: the videos' own tracks)")
     p.add_argument("--depth-dir", help="depth folder (with an annotation file)")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--max-items", type=int, help="use only the first N items")
+    p.add_argument("--max-items", type=positive_int, help="use only the first N items")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--tokenizer", help="the run's vocab.txt (or its folder) if its config's path is not found here")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("overrides", nargs="*", help="config overrides for a data config, e.g. data.sample_dir=DIR")
     return p.parse_args(argv)
 

@@ -38,9 +38,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from gram.cli import ArgumentParser, UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, positive_int, run_with_clear_errors
 from gram.data.annotations import read_annotations, resolve_media, segment_of
-from gram.data.errors import MediaDecodeError, MediaError
+from gram.data.errors import MediaDecodeError, MediaError, raise_if_truncated
 
 AUDIO_RATE = 16000
 AUDIO_CODECS = {"mp3": "libmp3lame", "wav": "pcm_s16le"}
@@ -65,6 +65,7 @@ def probe(path: Path) -> dict:
             if not container.streams.video:
                 raise MediaDecodeError(f"no video stream in {path}")
             stream = container.streams.video[0]
+            raise_if_truncated(stream, path)  # a cut-short download would otherwise pass as a shorter video
             duration = float(container.duration / av.time_base) if container.duration else None
             return {
                 "frames": stream.frames or None,
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, help="with --reencode: lower the frame rate to this")
     parser.add_argument("--short-side", type=int, help="with --reencode: lower the short side to this (pixels)")
     parser.add_argument("--gop-seconds", type=float, default=1.0, help="with --reencode: keyframe interval")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--overwrite", action="store_true", help="redo files that already exist")
     args = parser.parse_args(argv)
     if (args.fps or args.short_side) and not args.reencode:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gram.cli import ArgumentParser, UserError, run_with_clear_errors
+from gram.cli import ArgumentParser, UserError, positive_int, run_with_clear_errors
 
 if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
     import torch
@@ -219,16 +219,6 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     if args.query:
         return args.query
     return [] if sys.stdin.isatty() else [line.strip() for line in sys.stdin if line.strip()]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -299,6 +299,8 @@ def test_argument_errors_are_one_line_in_a_real_process():
     ("convert_checkpoint", ["no_such.pt", "out"], "no_such.pt"),
     ("diagnose", ["--checkpoint", "x", "--data", "no_such.json", "--output-dir", "o"], "no_such.json"),
     ("diagnose", ["--checkpoint", "x", "--data", "no_such_config", "--output-dir", "o"], "no_such_config"),
+    ("diagnose", ["--checkpoint", "x", "--data", "d", "--output-dir", "o", "--max-items", "-1"], "--max-items"),
+    ("prepare_dataset", ["--videos", ".", "--out", "o", "--workers", "0"], "--workers"),
 ])
 def test_scripts_turn_a_bad_input_into_one_line(name, args, culprit, tmp_path, monkeypatch, capsys):
     """Each script's main as its `__main__` block runs it (checked above): one line naming the culprit, status 2."""

@@ -69,8 +69,8 @@ def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, 
     for batch in tqdm(loader, desc="embed test items", disable=not progress, leave=False):
         lost = batch.get("failed_items", [])
         failed.update({item_id: reason for _, item_id, reason in lost})
-        size = len(batch["ids"]) + len(lost)
-        loaded = [i for i in range(size) if i not in {position for position, _, _ in lost}]
+        size, lost_positions = len(batch["ids"]) + len(lost), {position for position, _, _ in lost}
+        loaded = [i for i in range(size) if i not in lost_positions]
         rows: dict[str, torch.Tensor] = {}
         if loaded:
             batch = move_to(batch, device)
@@ -80,7 +80,7 @@ def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, 
                 rows["condition"] = model.condition_tokens(tokens, modalities)
         for m in parts:
             if m != "condition" or keep_condition:
-                parts[m].append(_in_place(rows.get(m), loaded, size, width, device))
+                parts[m].append(_in_place(rows.get(m), loaded, size))
     out = {m: dist.all_gather(_concat(p, width, device), with_grad=False) for m, p in parts.items() if m != "condition"}
     if keep_condition:
         out["condition"] = dist.all_gather(_concat(parts["condition"], width, device), with_grad=False)
@@ -90,8 +90,7 @@ def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, 
     return out
 
 
-def _in_place(rows: torch.Tensor | None, loaded: list[int], size: int, width: int,
-              device: torch.device) -> torch.Tensor | int:
+def _in_place(rows: torch.Tensor | None, loaded: list[int], size: int) -> torch.Tensor | int:
     """(size, ...) rows with the loaded items' rows at their positions and NaN elsewhere; the bare count
     `size` when nothing loaded and the row shape is not known yet (filled in by `_concat`)."""
     if rows is not None and len(loaded) == size:
