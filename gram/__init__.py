@@ -9,17 +9,57 @@ Public API:
     load_model(path, device)         a model with its vocabulary and test-time preprocessing, from a checkpoint,
                                      run, hub or released GRAM folder (gram.inference)
     list_pretrained()                names of the released GRAM checkpoints and encoder weights (gram.pretrained)
+
+The names are imported on first use (PEP 562), so `import gram.cli` (every script's entry point) does not pull in
+torch and transformers before a script has parsed its arguments: `--help` answers at once.
 """
 
-from gram.config import GramConfig, ModelConfig
-from gram.data.annotations import read_annotations
-from gram.eval.metrics import retrieval_metrics
-from gram.inference import GramPredictor, load_model
-from gram.losses import LossConfig, build_loss, volume
-from gram.models.gram_model import GramModel
-from gram.pretrained import list_pretrained
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GramConfig", "GramModel", "GramPredictor", "list_pretrained", "load_model", "LossConfig", "ModelConfig", "build_loss", "read_annotations",
-           "retrieval_metrics", "volume", "__version__"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "GramConfig": "gram.config",
+    "ModelConfig": "gram.config",
+    "read_annotations": "gram.data.annotations",
+    "retrieval_metrics": "gram.eval.metrics",
+    "GramPredictor": "gram.inference",
+    "load_model": "gram.inference",
+    "LossConfig": "gram.losses",
+    "build_loss": "gram.losses",
+    "volume": "gram.losses",
+    "GramModel": "gram.models.gram_model",
+    "list_pretrained": "gram.pretrained",
+}
+
+__all__ = ["GramConfig", "GramModel", "GramPredictor", "LossConfig", "ModelConfig", "build_loss", "list_pretrained",
+           "load_model", "read_annotations", "retrieval_metrics", "volume", "__version__"]
+
+
+assert set(__all__) == {*_EXPORTS, "__version__"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gram' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from gram.config import GramConfig, ModelConfig
+    from gram.data.annotations import read_annotations
+    from gram.eval.metrics import retrieval_metrics
+    from gram.inference import GramPredictor, load_model
+    from gram.losses import LossConfig, build_loss, volume
+    from gram.models.gram_model import GramModel
+    from gram.pretrained import list_pretrained

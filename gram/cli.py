@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -39,3 +41,32 @@ def run_with_clear_errors(fn: Callable[[], object]) -> object:
         print("interrupted: stopped without saving; the checkpoints already written are kept", file=sys.stderr,
               flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a wrong argument is one line (``error: prog: message (see prog --help)``) and exit
+    status 2, like every other user error, instead of the usage block followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {' '.join(message.split())}  (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--top-k``, ``--batch-size``, ``--workers``)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (``--num-workers``)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value

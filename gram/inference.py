@@ -43,7 +43,7 @@ from gram.data.dataset import Collator, VideoTextDataset
 from gram.data.preprocessing import get_preset, preset_origin, recorded_preset
 from gram.data.tokenizer import load_tokenizer
 from gram.data.video import VideoTransform, load_video_frames, sample_frame_indices
-from gram.eval.retrieval import embed_items
+from gram.eval.retrieval import embed_items, usable_items
 from gram.eval.scoring import similarity_matrix
 from gram.main import check_vocabulary, task_from_checkpoint
 from gram.models.gram_model import GramModel
@@ -195,10 +195,12 @@ class GramPredictor:
         of each belonging to item i (its first caption), through the training-time evaluation path."""
         dataset = VideoTextDataset(split, self.data, self.modalities, training=False, allow_missing=allow_missing)
         n = len(dataset) if limit is None else min(limit, len(dataset))
-        items = embed_items(self.model, Subset(dataset, range(n)), self.collator, self.modalities, self.batch_size,
-                            num_workers, self.device, progress)
-        captions = [record.captions[0] for record in dataset.records[:n]]
-        return {"text": self.encode_text(captions), **items}
+        subset, failures = Subset(dataset, range(n)), {}
+        items = embed_items(self.model, subset, self.collator, self.modalities, self.batch_size, num_workers,
+                            self.device, progress, failures=failures)
+        keep = usable_items(subset, items, failures)  # one error listing every unusable id, unless allow_missing
+        captions = [dataset.records[i].captions[0] for i in keep]
+        return {"text": self.encode_text(captions), **{m: e[keep] for m, e in items.items()}}
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, text: torch.Tensor, *data: torch.Tensor, kind: str = "volume") -> torch.Tensor:

@@ -195,8 +195,8 @@ def datasets(cfg: GramConfig, training: bool) -> tuple[VideoTextDataset | None, 
         if training and cfg.data.train and not cfg.data.shards else None
     # Evaluation reads only the modalities it scores (e.g. a T-VASD model evaluated as T-VAS needs no depth maps).
     test_mods = cfg.eval.modalities or mods
-    test = VideoTextDataset(cfg.data.test, cfg.data, test_mods, training=False, allow_missing=cfg.eval.allow_missing) \
-        if cfg.data.test else None
+    test = VideoTextDataset(cfg.data.test, cfg.data, test_mods, training=False, allow_missing=cfg.eval.allow_missing,
+                            report_dir=cfg.output_dir) if cfg.data.test else None
     return train, test
 
 

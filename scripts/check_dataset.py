@@ -28,17 +28,16 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
-from omegaconf import OmegaConf
+# gram.cli is light: --help answers before torch and PyAV load
+from gram.cli import ArgumentParser, UserError, positive_int, run_with_clear_errors
 
-from gram.config import DatasetConfig
-from gram.data.annotations import AnnotationError, read_annotations, resolve_media
-from gram.data.audio import MediaError
-from gram.data.video import decode_frames, sample_frame_indices
+if TYPE_CHECKING:
+    from gram.config import DatasetConfig
 
-PROBLEMS = ("empty caption", "missing video", "missing audio", "undecodable video", "undecodable audio",
-            "missing depth")
+PROBLEMS = ("empty caption", "duplicate id", "missing video", "missing audio", "undecodable video",
+            "undecodable audio", "missing depth")
 
 
 @dataclass(frozen=True)
@@ -56,19 +55,28 @@ class MediaCheck:
 
 def load_split(config: Path, split: str, data_dir: str) -> DatasetConfig:
     """The ``train``/``test`` entry of a data config with ``${paths.data_dir}`` set to ``data_dir``."""
+    from omegaconf import OmegaConf
+
+    from gram.config import DatasetConfig
+
+    if not config.is_file():
+        raise UserError(f"--config {config}: no such file")
     root = OmegaConf.create({"paths": {"data_dir": data_dir}, "data": OmegaConf.load(config)})
     if OmegaConf.select(root, f"data.{split}") is None:
-        raise SystemExit(f"error: {config} has no '{split}' split")
+        raise UserError(f"{config} has no '{split}' split")
     values = OmegaConf.to_container(root.data[split], resolve=True)
     known = {f.name for f in fields(DatasetConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SystemExit(f"error: {config} split '{split}' has unknown keys {unknown}; known: {sorted(known)}")
+        raise UserError(f"{config} split '{split}' has unknown keys {unknown}; known: {sorted(known)}")
     return DatasetConfig(**values)
 
 
 def check_video(path: Path, mode: str) -> str | None:
     """None if the video can be read as the loader would; else the reason."""
+    from gram.data.audio import MediaError
+    from gram.data.video import decode_frames, sample_frame_indices
+
     if mode == "none":
         return None
     try:
@@ -91,19 +99,29 @@ def audio_state(path: Path | None, video: Path | None, mode: str) -> str:
 
 
 def _probe_audio(path: Path) -> str | None:
-    """None if the first audio packet of ``path`` decodes; else 'undecodable: <reason>'."""
+    """None if the first audio packet of ``path`` decodes (and the file holds all its index points to); else
+    'undecodable: <reason>'."""
+    import av
+
+    from gram.data.audio import TruncatedMediaError, raise_if_truncated
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 return f"undecodable: no audio stream in {path}"
+            raise_if_truncated(container.streams.audio[0], path)
             for _ in container.decode(container.streams.audio[0]):
                 return None
         return f"undecodable: no audio frame in {path}"
+    except TruncatedMediaError as err:
+        return f"undecodable: {err}"
     except av.FFmpegError as err:
         return f"undecodable: {path}: {err}"
 
 
 def _has_audio_track(video: Path) -> bool:
+    import av
+
     try:
         with av.open(str(video)) as container:
             return bool(container.streams.audio)
@@ -113,6 +131,8 @@ def _has_audio_track(video: Path) -> bool:
 
 def check_item(video_id: str, media: MediaCheck) -> list[tuple[str, str]]:
     """(problem, detail) pairs of one id; 'audio from video track' is reported as information."""
+    from gram.data.annotations import resolve_media
+
     found: list[tuple[str, str]] = []
     video = resolve_media(media.video_dir, video_id, media.video_extensions) if media.video_dir else None
     if media.video_dir:
@@ -139,11 +159,12 @@ def _check_star(job: tuple[str, MediaCheck]) -> list[tuple[str, str]]:
 
 
 def check_split(split: DatasetConfig, decode: str = "open", workers: int = 1) -> dict:
-    """Every check of one split: {'counts': Counter, 'problems': [(id, problem, detail)], 'records': n}."""
-    try:
-        records = read_annotations(split.annotations, corrupted=split.corrupted, allow_empty_captions=True)
-    except AnnotationError as err:
-        raise SystemExit(f"error: {err}") from err
+    """Every check of one split: {'counts': Counter, 'problems': [(id, problem, detail)], 'records': n}.
+
+    An id listed more than once is a problem: in a test split it could never rank first (evaluation refuses it)."""
+    from gram.data.annotations import read_annotations
+
+    records = read_annotations(split.annotations, corrupted=split.corrupted, allow_empty_captions=True)
     media = MediaCheck(split.video_dir, split.audio_dir, split.depth_dir, tuple(split.video_extensions),
                        tuple(split.audio_extensions), tuple(split.depth_extensions), decode)
     ids = list(dict.fromkeys(r.video_id for r in records))
@@ -155,6 +176,8 @@ def check_split(split: DatasetConfig, decode: str = "open", workers: int = 1) ->
         results = [_check_star(job) for job in jobs]
     problems = [(i, problem, detail) for i, found in zip(ids, results) for problem, detail in found]
     problems += [(r.video_id, "empty caption", "no non-empty caption") for r in records if not r.captions]
+    repeats = Counter(r.video_id for r in records)
+    problems += [(i, "duplicate id", f"{n} records in {split.annotations}") for i, n in repeats.items() if n > 1]
     counts = Counter(problem for _, problem, _ in problems)
     counts["records"], counts["unique ids"] = len(records), len(ids)
     counts["dropped as corrupted"] = records.num_dropped
@@ -179,7 +202,8 @@ def write_problems(path: Path, problems: list[tuple[str, str, str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    """Exit status 0, 1 (``--strict`` and problems found) or 2 (bad arguments or an unreadable annotation file)."""
+    parser = ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", type=Path, help="a data config (configs/data/<name>.yaml)")
     parser.add_argument("--split", choices=("train", "test"), default="test")
@@ -190,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth-dir", help="depth folder (with --annotations)")
     parser.add_argument("--corrupted", help="file of ids to drop (with --annotations)")
     parser.add_argument("--decode", choices=("none", "open", "frames"), default="open")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--missing-out", type=Path, default=Path("missing_ids.txt"))
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     args = parser.parse_args(argv)
     if (args.config is None) == (args.annotations is None):
         parser.error("give exactly one of --config or --annotations")
+    from gram.config import DatasetConfig
+
     if args.config:
         split, name = load_split(args.config, args.split, args.data_dir), f"{args.config} [{args.split}]"
     else:
@@ -211,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_clear_errors(main))

@@ -18,10 +18,12 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gram.config import DatasetConfig
-from gram.eval.geometry import format_report, geometry_report, plot_title, save_plots
-from gram.inference import load_model
+from gram.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_with_clear_errors
+
+if TYPE_CHECKING:  # torch loads after the arguments are parsed: --help answers at once
+    from gram.config import DatasetConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,31 +33,39 @@ def split_from_config(name: str, split: str, overrides: Sequence[str]) -> Datase
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from gram.config import check_overrides, register_configs
+    from gram.config import DatasetConfig, check_overrides, register_configs
     from gram.main import prepare_sample_data, to_dataclass
 
     if not (CONFIGS / "data" / f"{name}.yaml").is_file():
         known = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
-        raise SystemExit(f"--data {name}: no configs/data/{name}.yaml and no such annotation file; "
+        raise UserError(f"--data {name}: no configs/data/{name}.yaml and no such annotation file; "
                          f"data configs: {', '.join(known)}")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_configs()
     check_overrides(overrides, CONFIGS)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        node = compose(config_name="config", overrides=[f"data={name}", "output_dir=unused", *overrides])
-    cfg = to_dataclass(node)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            node = compose(config_name="config", overrides=[f"data={name}", "output_dir=unused", *overrides])
+        cfg = to_dataclass(node)
+    except (HydraException, OmegaConfBaseException) as err:  # a wrong override value: one line
+        raise UserError(f"--data {name} {' '.join(overrides)}: {' '.join(str(err).split())}") from err
     prepare_sample_data(cfg)
     chosen = getattr(cfg.data, split)
     if chosen is None:
-        raise SystemExit(f"--data {name} has no {split!r} split; use --split {'test' if split == 'train' else 'train'}")
+        raise UserError(f"--data {name} has no {split!r} split; use --split {'test' if split == 'train' else 'train'}")
     return OmegaConf.to_object(OmegaConf.structured(chosen)) if not isinstance(chosen, DatasetConfig) else chosen
 
 
 def resolve_split(args: argparse.Namespace) -> DatasetConfig:
     """An annotation file (with --video-dir/--audio-dir) or a data config name."""
+    from gram.config import DatasetConfig
+
     path = Path(args.data)
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
-            raise SystemExit(f"--data {path}: annotation file not found")
+            raise UserError(f"--data {path}: annotation file not found")
         return DatasetConfig(annotations=str(path), video_dir=args.video_dir, audio_dir=args.audio_dir,
                              depth_dir=args.depth_dir)
     return split_from_config(args.data, args.split, args.overrides)
@@ -89,7 +99,7 @@ def split_label(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training output dir")
     p.add_argument("--data", required=True, help="a data config name (configs/data/) or an annotation JSON file")
     p.add_argument("--split", choices=("train", "test"), default="test", help="split of a data config")
@@ -97,11 +107,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audio-dir", help="audio folder (with an annotation file; default: the videos' own tracks)")
     p.add_argument("--depth-dir", help="depth folder (with an annotation file)")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--max-items", type=int, help="use only the first N items")
+    p.add_argument("--max-items", type=positive_int, help="use only the first N items")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--tokenizer", help="the run's vocab.txt (or its folder) if its config's path is not found here")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--preprocessing", choices=("reference", "accurate"),
                    help="override the preprocessing preset the checkpoint records (warns; default: the recorded one)")
     p.add_argument("overrides", nargs="*", help="config overrides for a data config, e.g. data.sample_dir=DIR")
@@ -111,6 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the diagnostics; returns the report as a dict (also written to geometry.json)."""
     args = parse_args(argv)
+    from gram.eval.geometry import format_report, geometry_report, plot_title, save_plots
+    from gram.inference import load_model
+
     split = resolve_split(args)
     predictor = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size,
                            preprocessing=args.preprocessing)
@@ -129,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_clear_errors(main)

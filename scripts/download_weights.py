@@ -23,6 +23,8 @@ from pathlib import Path
 GROUPS = ("encoders", "gram")
 ENCODER_DEFAULTS = ("eva01-clip-g-14", "beats-iter3-plus-as2m", "bert-base-uncased")
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import av
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
+
+from gram.cli import UserError, run_with_clear_errors
 
 
 def colourise(depth: np.ndarray) -> np.ndarray:
     """(H, W) float depth -> (H, W, 3) uint8, min-max normalised per frame, as the reference's colour maps."""
+    from matplotlib import colormaps
+
     span = float(depth.max() - depth.min())
     unit = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
     return (colormaps["Spectral_r"](unit)[..., :3] * 255).astype(np.uint8)
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None, estimator: Callable[[Image.Image], np.nd
     args = parser.parse_args(argv)
     videos = sorted(p for p in args.videos.iterdir() if p.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov"})
     if not videos:
-        raise SystemExit(f"error: no videos in {args.videos}")
+        raise UserError(f"no videos in {args.videos}")
     estimate = estimator or hf_estimator(args.model, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     for src in videos:
@@ -91,4 +94,4 @@ def main(argv: list[str] | None = None, estimator: Callable[[Image.Image], np.nd
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_with_clear_errors(main))

@@ -22,9 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from gram.config import DatasetConfig
-from gram.data.annotations import read_annotations
-from gram.data.shards import media_resolver, write_shards
+from gram.cli import run_with_clear_errors
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -69,6 +67,10 @@ def summary(index: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gram.config import DatasetConfig  # torch and PyAV: after the arguments, so --help answers at once
+    from gram.data.annotations import read_annotations
+    from gram.data.shards import media_resolver, write_shards
+
     split = DatasetConfig(annotations=args.annotations, video_dir=args.video_dir, audio_dir=args.audio_dir,
                           depth_dir=args.depth_dir, corrupted=args.corrupted)
     # empty captions are skipped and listed by write_shards, as check_dataset.py reports them, not fatal
@@ -82,6 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gram.cli import run_with_clear_errors
-
     sys.exit(run_with_clear_errors(main))

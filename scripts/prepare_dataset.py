@@ -38,9 +38,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+from gram.cli import ArgumentParser, UserError, positive_int, run_with_clear_errors
 from gram.data.annotations import read_annotations, resolve_media, segment_of
-from gram.data.audio import MediaDecodeError, MediaError
-from gram.data.video import reencode_video
+from gram.data.errors import MediaDecodeError, MediaError, raise_if_truncated
 
 AUDIO_RATE = 16000
 AUDIO_CODECS = {"mp3": "libmp3lame", "wav": "pcm_s16le"}
@@ -65,6 +65,7 @@ def probe(path: Path) -> dict:
             if not container.streams.video:
                 raise MediaDecodeError(f"no video stream in {path}")
             stream = container.streams.video[0]
+            raise_if_truncated(stream, path)  # a cut-short download would otherwise pass as a shorter video
             duration = float(container.duration / av.time_base) if container.duration else None
             return {
                 "frames": stream.frames or None,
@@ -185,6 +186,8 @@ def _reencode(video_id: str, src: Path, opts: Options, segment: tuple[float, flo
         info = probe(dst)
         return {"video": str(dst), "frames": info["frames"], "fps": info["fps"],
                 "width": info["width"], "height": info["height"], "duration": info["duration"]}
+    from gram.data.video import reencode_video  # torch: imported once there is work to do
+
     tmp = dst.with_name(dst.stem + ".partial.mp4")
     start, end = segment if segment else (None, None)
     info = reencode_video(src, tmp, fps=opts.fps, short_side=opts.short_side, gop_seconds=opts.gop_seconds,
@@ -225,7 +228,7 @@ def _prepare_star(job: tuple[str, Path, Options, tuple[float, float] | None]) ->
 def run(videos: Path, opts: Options, annotations: Path | None, extensions: list[str], workers: int) -> dict:
     """Prepare every video; returns (and writes to ``<out>/manifest.json``) the manifest."""
     if not videos.is_dir():
-        raise SystemExit(f"error: --videos {videos} is not a folder")
+        raise UserError(f"--videos {videos} is not a folder")
     found, missing = find_videos(videos, annotations, extensions)
     for folder in ("audios", "videos") if opts.reencode else ("audios",):
         (opts.out / folder).mkdir(parents=True, exist_ok=True)
@@ -262,7 +265,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--videos", type=Path, required=True, help="folder of downloaded videos <id>.<ext>")
     parser.add_argument("--out", type=Path, required=True, help="output folder (audios/, videos/, manifest.json)")
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, help="with --reencode: lower the frame rate to this")
     parser.add_argument("--short-side", type=int, help="with --reencode: lower the short side to this (pixels)")
     parser.add_argument("--gop-seconds", type=float, default=1.0, help="with --reencode: keyframe interval")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--overwrite", action="store_true", help="redo files that already exist")
     args = parser.parse_args(argv)
     if (args.fps or args.short_side) and not args.reencode:
@@ -288,4 +291,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_clear_errors(main))

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from gram.cli import UserError
 from gram.data.audio import load_waveform
 from gram.data.video import decode_frames
 
@@ -166,7 +167,7 @@ def test_check_dataset_reads_a_data_config(dataset, tmp_path):
     assert split.annotations == str(data_dir / "anno.json") and split.audio_dir == str(data_dir / "audios")
     result = check.check_split(split, decode="none", workers=2)
     assert result["counts"]["missing video"] == 1 and result["counts"]["undecodable video"] == 0
-    with pytest.raises(SystemExit, match="no 'train' split"):
+    with pytest.raises(UserError, match="no .train. split"):
         check.load_split(config, "train", str(data_dir))
 
 

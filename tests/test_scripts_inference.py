@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gram.cli import UserError
 from gram.eval import geometry
 from gram.inference import GramPredictor, load_model
 from gram.main import run
@@ -205,5 +206,5 @@ def test_diagnose_on_an_annotation_file(memorised, sample_root, tmp_path):
 
 
 def test_diagnose_unknown_data_is_named(memorised, tmp_path):
-    with pytest.raises(SystemExit, match="no_such_dataset"):
+    with pytest.raises(UserError, match="no_such_dataset"):
         diagnose.main(["--checkpoint", str(memorised), "--data", "no_such_dataset", "--output-dir", str(tmp_path)])

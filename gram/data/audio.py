@@ -26,6 +26,14 @@ import numpy as np
 import torch
 import torchaudio
 
+from gram.data.errors import (  # noqa: F401  (re-exported: the media errors' historical home)
+    MediaDecodeError,
+    MediaError,
+    MediaNotFoundError,
+    NoAudioStreamError,
+    TruncatedMediaError,
+    raise_if_truncated,
+)
 from gram.data.preprocessing import DEFAULT_PRESET, get_preset
 
 SAMPLE_RATE = 16000
@@ -42,22 +50,6 @@ SNDFILE_READABLE = {
 }
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
-
-
-class MediaError(Exception):
-    """Base class of every media-reading error; the message names the file."""
-
-
-class MediaDecodeError(MediaError):
-    """The file is missing, unreadable, or not a decodable media file."""
-
-
-class MediaNotFoundError(MediaDecodeError, FileNotFoundError):
-    """The file does not exist (a :class:`MediaDecodeError` that is also a ``FileNotFoundError``)."""
-
-
-class NoAudioStreamError(MediaError):
-    """The file decodes but has no audio stream (e.g. a video without sound)."""
 
 
 def load_waveform(path: str | Path, sample_rate: int = SAMPLE_RATE, preprocessing: str = DEFAULT_PRESET) -> torch.Tensor:
@@ -112,6 +104,7 @@ def _decode_audio(path: Path) -> tuple[np.ndarray, int, tuple[str, str]]:
             if not container.streams.audio:
                 raise NoAudioStreamError(f"no audio stream in {path}; use silent_clips() for such a clip")
             stream = container.streams.audio[0]
+            raise_if_truncated(stream, path)
             source = (container.format.name, stream.codec_context.name)
             chunks, rate = _decode_stream(container, stream)
     except (av.FFmpegError, ValueError) as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -59,17 +60,62 @@ def require_finite(values: torch.Tensor, path: Path, what: str) -> torch.Tensor:
     return values
 
 
-class MissingMediaError(FileNotFoundError):
-    """Raised when evaluation items have no media file; lists the ids so nothing is dropped silently."""
+UNUSABLE_IDS_FILE = "unusable_{split}_ids.txt"
+SHOWN_IDS = 5
 
-    def __init__(self, split: str, missing: Sequence[str], folder: str | None):
-        shown = shown_ids(missing, 20)
+
+class UnusableItemsError(UserError):
+    """Evaluation items that cannot be used (no file, empty or undecodable file, non-finite embedding): one line
+    with the first few ids, the count and the file listing every one of them with its reason."""
+
+    def __init__(self, split: str, unusable: dict[str, str], listing: Path | None, what: str = "unusable"):
+        ids = list(unusable)
+        shown = ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
+        first = " ".join(unusable[ids[0]].split())
+        where = f"; every id with its reason in {listing}" if listing else ""
         super().__init__(
-            f"{len(missing)} {split} item(s) have no media file in {folder}: {shown}. Evaluation never drops items "
-            f"silently: add the files (see data/README.md, scripts/check_dataset.py) or set eval.allow_missing=true "
-            f"to evaluate only what exists (the results then report how many items were evaluated)."
-        )
+            f"{len(ids)} item(s) of {split} are {what}: {shown} ({ids[0]}: {first}{where}). Evaluation never drops items silently: fix "
+            f"or remove them (scripts/check_dataset.py --strict finds them all), or set eval.allow_missing=true to "
+            f"evaluate the rest (the results then report how many items were evaluated)")
+        self.unusable, self.listing = dict(unusable), listing
+
+
+class MissingMediaError(UnusableItemsError, FileNotFoundError):
+    """Evaluation items without a media file (or with an empty one), found before anything is decoded."""
+
+    def __init__(self, split: str, missing: dict[str, str], listing: Path | None):
+        super().__init__(split, missing, listing, what="without a usable media file")
         self.missing = list(missing)
+
+
+class DuplicateIdsError(UserError):
+    """A test set lists an id twice: both copies tie for every query, so neither can ever rank first."""
+
+
+def report_unusable(split_name: str, unusable: dict[str, str], report_dir: str | Path | None, allow: bool,
+                    error: type[UnusableItemsError] = UnusableItemsError) -> Path | None:
+    """Write ``<report_dir>/unusable_<split>_ids.txt`` (``id<TAB>reason`` per line) and raise ``error`` naming the
+    first ids, or, with ``allow`` (``eval.allow_missing``), log one warning. Returns the file written (or None)."""
+    if not unusable:
+        return None
+    listing = None
+    if report_dir is not None:
+        listing = Path(report_dir) / UNUSABLE_IDS_FILE.format(split=Path(split_name).stem)
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(f"{i}\t{' '.join(reason.split())}\n" for i, reason in unusable.items()))
+    if not allow:
+        raise error(split_name, unusable, listing)
+    ids = list(unusable)
+    log.warning("%s: %d item(s) left out of the evaluation (eval.allow_missing=true): %s%s", split_name, len(ids),
+                ", ".join(ids[:SHOWN_IDS]), f" ... (all in {listing})" if listing else "")
+    return listing
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 @dataclass
@@ -115,9 +161,7 @@ class ItemBuilder:
                 if modality in ("video", "depth"):
                     generator.set_state(start_state)
                 item.update(self._load(modality, record, media, generator))
-        except MediaError as error:
-            if not self.training:
-                raise
+        except MediaError as error:  # dropped in training, an unusable id in evaluation: never raised
             return {"id": record.video_id, "failed": str(error)}
         return item
 
@@ -161,14 +205,31 @@ class VideoTextDataset(Dataset):
     """Annotation records plus the media they point to, loaded for the requested data modalities."""
 
     def __init__(self, split: DatasetConfig, data: DataConfig, modalities: Sequence[str], training: bool,
-                 seed: int = 0, allow_missing: bool = False):
+                 seed: int = 0, allow_missing: bool = False, report_dir: str | Path | None = None):
+        """``allow_missing`` (``eval.allow_missing``): evaluation leaves out unusable items (and reports them)
+        instead of failing; ``report_dir`` receives the list of unusable evaluation ids (see `report_unusable`)."""
         self.split, self.data, self.modalities, self.training = split, data, tuple(modalities), training
         self.seed, self.epoch = seed, 0
+        self.allow_missing, self.report_dir = allow_missing, report_dir
         self.records = read_annotations(split.annotations, corrupted=split.corrupted)
+        if not training:
+            self._check_unique_ids()
         self.num_annotated = len(self.records)
         self.media_paths = [self._resolve(r) for r in self.records]
         self._check_complete(allow_missing)
         self.build = ItemBuilder(data, modalities, training)
+
+    def _check_unique_ids(self) -> None:
+        """A duplicated test id ties with itself for every query, so it can never rank first: refuse it."""
+        counts = Counter(r.video_id for r in self.records)
+        repeated = [i for i, n in counts.items() if n > 1]
+        if repeated:
+            shown = ", ".join(f"{i} (x{counts[i]})" for i in repeated[:SHOWN_IDS])
+            more = f" and {len(repeated) - SHOWN_IDS} more" if len(repeated) > SHOWN_IDS else ""
+            raise DuplicateIdsError(
+                f"{self.split.annotations}: {len(repeated)} id(s) appear more than once in this evaluation split: "
+                f"{shown}{more}. A duplicated item ties with itself and can never rank first; keep one record per "
+                f"id (merge their captions into one list)")
 
     def _resolve(self, record: AnnotationRecord) -> MediaPaths:
         s = self.split
@@ -179,34 +240,46 @@ class VideoTextDataset(Dataset):
         return MediaPaths(find(s.video_dir, s.video_extensions), find(s.audio_dir, s.audio_extensions),
                           find(s.depth_dir, s.depth_extensions))
 
-    def _is_missing(self, paths: MediaPaths) -> bool:
-        """An item lacks a required file; audio alone may come from the video's own track."""
+    def _unusable_file(self, paths: MediaPaths) -> str | None:
+        """Why an item cannot be built from its files alone (a required file missing, or in evaluation empty), else
+        None. Audio may come from the video's own track. (An empty training file fails to decode and is counted
+        with the failed clips.)"""
         m = self.modalities
-        return (("video" in m and paths.video is None) or ("depth" in m and paths.depth is None)
-                or ("audio" in m and paths.audio is None and paths.video is None))
+        required = {"video": paths.video if "video" in m else False, "depth": paths.depth if "depth" in m else False,
+                    "audio": (paths.audio or paths.video) if "audio" in m else False}
+        for role, path in required.items():
+            if path is None:
+                folder = {"video": self.split.video_dir, "depth": self.split.depth_dir,
+                          "audio": self.split.audio_dir or self.split.video_dir}[role]
+                return f"no {role} file in {folder}"
+            if path and not self.training and _is_empty(path):
+                return f"empty file {path} (0 bytes)"
+        return None
 
     def _check_complete(self, allow_missing: bool) -> None:
         """Training drops (and logs) items without media, and counts them with the clips that fail to load towards
-        `data.max_failed_fraction`; evaluation refuses to run on an incomplete split."""
-        missing = [i for i, p in enumerate(self.media_paths) if self._is_missing(p)]
-        self.missing_ids = [self.records[i].video_id for i in missing]
-        if not missing:
+        `data.max_failed_fraction`; evaluation refuses to run on an incomplete split (listing every id) unless
+        ``allow_missing``. Empty files count as missing in evaluation."""
+        reasons = {i: r for i, p in enumerate(self.media_paths) if (r := self._unusable_file(p)) is not None}
+        self.missing_ids = ids = [self.records[i].video_id for i in reasons]
+        if not reasons:
             return
-        ids = self.missing_ids
-        if not (self.training or allow_missing):
-            raise MissingMediaError(Path(self.split.annotations).name, ids, self.split.video_dir)
-        limit = self.data.max_failed_fraction
-        if self.training and len(ids) > limit * len(self.records):
-            folders = ", ".join(str(f) for f in (self.split.video_dir, self.split.audio_dir, self.split.depth_dir) if f)
-            raise TooManyFailedSamplesError(
-                f"{self.split.annotations}: {len(ids)} of {len(self.records)} training items have no media file in "
-                f"{folders} ({shown_ids(ids)}), more than data.max_failed_fraction={limit}; add the files, fix the "
-                f"split's media folders, or run scripts/check_dataset.py")
-        log.warning("%s: %d of %d items have no media file and are left out (first: %s)",
-                    self.split.annotations, len(ids), len(self.records), ids[0])
-        drop = set(missing)
-        self.records = [r for i, r in enumerate(self.records) if i not in drop]
-        self.media_paths = [p for i, p in enumerate(self.media_paths) if i not in drop]
+        if not self.training:
+            report_unusable(str(self.split.annotations), {self.records[i].video_id: r for i, r in reasons.items()},
+                            self.report_dir, allow_missing, MissingMediaError)
+        else:
+            limit = self.data.max_failed_fraction
+            if len(ids) > limit * len(self.records):
+                folders = ", ".join(str(f) for f in (self.split.video_dir, self.split.audio_dir, self.split.depth_dir)
+                                    if f)
+                raise TooManyFailedSamplesError(
+                    f"{self.split.annotations}: {len(ids)} of {len(self.records)} training items have no media file "
+                    f"in {folders} ({shown_ids(ids)}), more than data.max_failed_fraction={limit}; add the files, fix "
+                    f"the split's media folders, or run scripts/check_dataset.py")
+            log.warning("%s: %d of %d items have no media file and are left out (first: %s)",
+                        self.split.annotations, len(ids), len(self.records), ids[0])
+        self.records = [r for i, r in enumerate(self.records) if i not in reasons]
+        self.media_paths = [p for i, p in enumerate(self.media_paths) if i not in reasons]
 
     @property
     def missing_fraction(self) -> float:
@@ -247,7 +320,10 @@ class Collator:
     def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if "failed" not in it]
         batch: dict[str, Any] = {"skipped": [it["failed"] for it in items if "failed" in it],
-                                 "ids": [it["id"] for it in good]}
+                                 "ids": [it["id"] for it in good],
+                                 # (position in the batch, id, reason): evaluation keeps its rows in place
+                                 "failed_items": [(i, it["id"], it["failed"]) for i, it in enumerate(items)
+                                                  if "failed" in it]}
         if not good:
             return batch
         batch["text"] = self.tokenize([it["caption"] for it in good], self.max_text_len)

@@ -446,8 +446,9 @@ class ShardDecoder:
     """Raw shard sample -> the item dict of :meth:`VideoTextDataset.__getitem__` (the same `ItemBuilder`).
 
     Items: ``{"id", "caption", "video": (n, 3, S, S), "audio": (n_a, T, F), "audio_mask", "subtitle",
-    "depth"}`` for the requested modalities, or ``{"id", "failed": message}`` in training when a member
-    cannot be decoded (the message names the shard and sample). Evaluation raises instead.
+    "depth"}`` for the requested modalities, or ``{"id", "failed": message}`` when a member cannot be decoded
+    (the message names the shard and sample): training drops and counts it, evaluation collects it with the other
+    unusable ids (`gram.eval.retrieval.usable_items`).
     """
 
     def __init__(self, data: DataConfig, modalities: Sequence[str], training: bool):

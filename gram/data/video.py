@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from gram.data.audio import MediaDecodeError, MediaNotFoundError
+from gram.data.audio import MediaDecodeError, MediaNotFoundError, TruncatedMediaError, raise_if_truncated
 from gram.data.preprocessing import DEFAULT_PRESET, get_preset
 from gram.data.video_backends import VIDEO_BACKENDS, read_frames
 
@@ -292,7 +292,12 @@ def _decode_pyav(path: Path, indices: IndexSpec, threads: int = 1, bt601: bool =
                 if not container.streams.video:
                     raise MediaDecodeError(f"no video stream in {path}")
                 stream = container.streams.video[0]
-                index = _packet_index(container, stream) if exact else _container_index(container, stream)
+                if exact:
+                    index = _packet_index(container, stream)
+                else:
+                    entries = list(stream.index_entries)  # listed once: each pass builds an object per packet
+                    raise_if_truncated(stream, path, entries)
+                    index = _container_index(container, stream, entries)
                 if index is None and exact:  # no usable timestamps: count by decoding, in order
                     return _decode_sequential(path, indices, bt601)
                 if index is None:
@@ -371,7 +376,8 @@ def _read_runs(
     return frames
 
 
-def _container_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
+def _container_index(container: av.container.InputContainer, stream: av.VideoStream,
+                     entries: list | None = None) -> _PacketIndex | None:
     """The frame timestamps from an MP4/MOV sample table, without reading the video's packets.
 
     The table gives decoding timestamps; presentation ones are taken as the same grid shifted by the first
@@ -379,7 +385,9 @@ def _container_index(container: av.container.InputContainer, stream: av.VideoStr
     or the container is not MP4-like; the decoder verifies the grid against every frame it decodes.
     """
     # One list: each pass over ``index_entries`` builds a Python object per sample again.
-    entries = list(stream.index_entries) if "mov" in container.format.name.split(",") else []
+    if "mov" not in container.format.name.split(","):
+        return None
+    entries = list(stream.index_entries) if entries is None else entries
     if not entries or len(entries) != stream.frames:
         return None
     shown = [e.timestamp for e in entries if not e.is_discard]
@@ -399,10 +407,11 @@ def _container_index(container: av.container.InputContainer, stream: av.VideoStr
 
 def _packet_index(container: av.container.InputContainer, stream: av.VideoStream) -> _PacketIndex | None:
     """Read (not decode) every packet once; None when timestamps are missing or repeated."""
-    pts, keys, through, total = [], [], {}, 0
+    pts, keys, through, total, packets = [], [], {}, 0, 0
     for packet in container.demux(stream):
         if packet.size == 0:  # the flush packet at the end
             continue
+        packets += 1
         if packet.pts is None:
             return None
         total += packet.size
@@ -413,6 +422,11 @@ def _packet_index(container: av.container.InputContainer, stream: av.VideoStream
             keys.append((packet.pts, packet.dts if packet.dts is not None else packet.pts))
     if not pts or not keys or len(set(pts)) != len(pts):
         return None
+    declared = stream.frames if "mov" in container.format.name.split(",") else 0  # exact for MP4/MOV only
+    if declared and packets < declared:
+        raise TruncatedMediaError(f"{container.name} is truncated: its index lists {declared} video frames but only "
+                                  f"{packets} are in the file, so it would decode as a shorter clip (an "
+                                  f"interrupted download or copy?); fetch the file again")
     keys.sort()
     start = min(min(pts), min(dts for _, dts in keys))
     pts.sort()

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 from gram import distributed as dist
 from gram.config import EvalConfig
-from gram.data.dataset import Collator, VideoTextDataset
+from gram.data.annotations import AnnotationRecord
+from gram.data.dataset import Collator, VideoTextDataset, report_unusable
 from gram.data.loader import eval_loader
 from gram.eval.metrics import retrieval_metrics
 from gram.eval.rerank import rerank_topk
@@ -37,10 +39,10 @@ def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: move(v) for k, v in batch.items()}
 
 
-def caption_queries(dataset: VideoTextDataset, protocol: str) -> tuple[list[str], list[int]]:
+def caption_queries(records: Sequence[AnnotationRecord], protocol: str) -> tuple[list[str], list[int]]:
     """(captions, index of each caption's video): the first caption per video, or all of them."""
     captions, owners = [], []
-    for i, record in enumerate(dataset.records):
+    for i, record in enumerate(records):
         chosen = record.captions[:1] if protocol == "first" else record.captions
         captions += chosen
         owners += [i] * len(chosen)
@@ -50,31 +52,92 @@ def caption_queries(dataset: VideoTextDataset, protocol: str) -> tuple[list[str]
 @torch.no_grad()
 def embed_items(model: GramModel, dataset: VideoTextDataset, collate: Collator, modalities: Sequence[str],
                 batch_size: int, num_workers: int, device: torch.device, progress: bool = False,
-                keep_condition: bool = False) -> dict[str, torch.Tensor]:
+                keep_condition: bool = False, failures: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """{modality: (N, D)} for every item, in dataset order, identical on every rank.
 
+    An item that could not be loaded keeps its place as a row of NaN (see `usable_items`); its id and the
+    reason go into ``failures`` (gathered from every rank) when a dict is given.
     With `keep_condition`, also "condition": (N, Lc, H) cross-attention tokens for DAM re-ranking. They are
     large at full size (1000 clips of 8 frames: ~7 GB in fp32), as in the reference.
     """
     from tqdm.auto import tqdm
 
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in (*modalities, "condition")}
+    failed: dict[str, str] = {}
     loader = eval_loader(dataset, collate, batch_size, num_workers)
+    width = model.cfg.embed_dim
     bar = tqdm(loader, desc=f"evaluate: embed {len(dataset)} clips", unit="batch", leave=False,
                disable=not (progress and dist.is_main_process()))
     for batch in bar:
-        batch = move_to(batch, device)
-        tokens = {m: model.encode_tokens(m, batch[m]) for m in modalities}
-        for m in modalities:
-            parts[m].append(model.embed_tokens(m, tokens[m], batch[m]).float())
-        if keep_condition:
-            parts["condition"].append(model.condition_tokens(tokens, modalities))
-    width = model.cfg.embed_dim
-    out = {m: dist.all_gather(torch.cat(p) if p else torch.zeros(0, width, device=device), with_grad=False)
-           for m, p in parts.items() if m != "condition"}
+        lost = batch.get("failed_items", [])
+        failed.update({item_id: reason for _, item_id, reason in lost})
+        size, lost_positions = len(batch["ids"]) + len(lost), {position for position, _, _ in lost}
+        loaded = [i for i in range(size) if i not in lost_positions]
+        rows: dict[str, torch.Tensor] = {}
+        if loaded:
+            batch = move_to(batch, device)
+            tokens = {m: model.encode_tokens(m, batch[m]) for m in modalities}
+            rows = {m: model.embed_tokens(m, tokens[m], batch[m]).float() for m in modalities}
+            if keep_condition:
+                rows["condition"] = model.condition_tokens(tokens, modalities)
+        for m in parts:
+            if m != "condition" or keep_condition:
+                parts[m].append(_in_place(rows.get(m), loaded, size))
+    out = {m: dist.all_gather(_concat(p, width, device), with_grad=False) for m, p in parts.items() if m != "condition"}
     if keep_condition:
-        out["condition"] = dist.all_gather(torch.cat(parts["condition"]), with_grad=False)
+        out["condition"] = dist.all_gather(_concat(parts["condition"], width, device), with_grad=False)
+    if failures is not None:
+        for shard in dist.all_gather_object(failed):
+            failures.update(shard)
     return out
+
+
+def _in_place(rows: torch.Tensor | None, loaded: list[int], size: int) -> torch.Tensor | int:
+    """(size, ...) rows with the loaded items' rows at their positions and NaN elsewhere; the bare count
+    `size` when nothing loaded and the row shape is not known yet (filled in by `_concat`)."""
+    if rows is not None and len(loaded) == size:
+        return rows
+    if rows is None:
+        return size
+    full = torch.full((size, *rows.shape[1:]), float("nan"), dtype=rows.dtype, device=rows.device)
+    full[loaded] = rows
+    return full
+
+
+def _concat(parts: list[torch.Tensor | int], width: int, device: torch.device) -> torch.Tensor:
+    """Concatenate batch rows; batches where nothing loaded (ints) become NaN rows shaped like the others."""
+    like = next((p for p in parts if isinstance(p, torch.Tensor)), None)
+    shape, dtype = (like.shape[1:], like.dtype) if like is not None else ((width,), torch.float32)
+    filled = [p if isinstance(p, torch.Tensor) else torch.full((p, *shape), float("nan"), dtype=dtype, device=device)
+              for p in parts]
+    return torch.cat(filled) if filled else torch.zeros(0, *shape, dtype=dtype, device=device)
+
+
+def usable_items(dataset, items: dict[str, torch.Tensor], failures: dict[str, str]) -> list[int]:
+    """Row indices of the items that can be evaluated; every other one is reported once, all together.
+
+    An item is unusable when it could not be loaded (``failures``: undecodable, truncated) or any of its embeddings
+    is not finite (NaN/inf input samples, a diverged model). Without ``eval.allow_missing`` this raises one
+    `UnusableItemsError` naming the first ids, their count and the file listing all of them (in the dataset's
+    ``report_dir``); with it, they are left out and logged. ``dataset`` is a `VideoTextDataset` (or a `Subset`).
+    """
+    base, positions = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
+        (dataset, list(range(len(dataset))))
+    ids = [base.records[i].video_id for i in positions]
+    finite = torch.ones(len(ids), dtype=torch.bool)
+    bad_modality: dict[int, str] = {}
+    for m, rows in items.items():
+        if m == "condition" or rows.ndim != 2:
+            continue
+        ok = torch.isfinite(rows).all(dim=1).cpu()
+        for i in (~ok & finite).nonzero().flatten().tolist():
+            bad_modality[i] = m
+        finite &= ok
+    unusable = {ids[i]: failures.get(ids[i], f"non-finite (NaN/inf) {bad_modality[i]} embedding")
+                for i in range(len(ids)) if not finite[i]}
+    report_unusable(str(base.split.annotations), unusable, base.report_dir if dist.is_main_process() else None,
+                    base.allow_missing)
+    return finite.nonzero().flatten().tolist()
 
 
 @torch.no_grad()
@@ -109,9 +172,16 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
     if unknown:
         raise ValueError(f"eval.modalities {unknown} are not modalities of this model ({list(model.modalities)})")
     rerank = cfg.rerank_k > 0 and model.cfg.matching_head
+    failures: dict[str, str] = {}
     items = embed_items(model, dataset, collate, modalities, batch_size, num_workers, device, progress,
-                        keep_condition=rerank)
-    captions, owners = caption_queries(dataset, cfg.caption_protocol)
+                        keep_condition=rerank, failures=failures)
+    keep = usable_items(dataset, items, failures)  # raises, listing every unusable id, unless eval.allow_missing
+    records = [dataset.records[i] for i in keep]
+    kept = set(keep)
+    left_out = [r.video_id for i, r in enumerate(dataset.records) if i not in kept]
+    if left_out:
+        items = {m: e[keep] for m, e in items.items()}
+    captions, owners = caption_queries(records, cfg.caption_protocol)
     text = embed_texts(model, collate, captions, batch_size, device)
     results = {name: retrieval_metrics_from_embeddings(text, [items[m] for m in mods], owners, kind=kind,
                                                        chunk_size=cfg.chunk_size)
@@ -123,8 +193,8 @@ def evaluate_retrieval(model: GramModel, dataset: VideoTextDataset, collate: Col
                                                      progress=progress and dist.is_main_process())
     model.train(was_training)
     return {"scorings": results, "modalities": ["text", *modalities], "caption_protocol": cfg.caption_protocol,
-            "n_videos": len(dataset), "n_captions": len(captions), "n_annotated": dataset.num_annotated,
-            "canonical_size": dataset.split.canonical_size, "missing_ids": dataset.missing_ids}
+            "n_videos": len(records), "n_captions": len(captions), "n_annotated": dataset.num_annotated,
+            "canonical_size": dataset.split.canonical_size, "missing_ids": dataset.missing_ids + left_out}
 
 
 @torch.no_grad()
