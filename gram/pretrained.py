@@ -496,7 +496,8 @@ def convert_command(entry: Pretrained, released: Path, out: Path, modalities: Se
     beats = weights_dir / REGISTRY["beats-iter3-plus-as2m"].path
     if beats.is_file():
         argv += ["--beats-cfg", str(beats)]
-    return argv
+    # the released models' vocabulary (bert-base-uncased's), copied inside the converted folder
+    return [*argv, "--tokenizer", str(weights_dir / REGISTRY["bert-base-uncased"].path)]
 
 
 def _convert(entry: Pretrained, released: Path, out: Path, modalities: Sequence[str], weights_dir: Path) -> Path:

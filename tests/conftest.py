@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,18 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, loaded once per session under one name: worker processes unpickle its
+    functions by module name, so a second copy under the same name would break the first one's pools."""
+    key = f"gram_scripts_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def compose_config(*overrides: str, output_dir: Path | None = None):

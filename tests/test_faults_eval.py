@@ -4,7 +4,6 @@ out under eval.allow_missing), duplicate test ids refused, truncated MP4s detect
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import scipy.io.wavfile
 from gram.data.dataset import DuplicateIdsError, MissingMediaError, UnusableItemsError
 from gram.data.errors import TruncatedMediaError
 from gram.main import run
-from tests.conftest import ROOT, compose_config, sample_overrides
+from tests.conftest import ROOT, compose_config, load_script, sample_overrides
 
 SCRIPTS = ROOT / "scripts"
 N_ITEMS = 6
@@ -178,7 +177,27 @@ def test_a_nan_embedding_is_named(sample_root, checkpoint, tmp_path):
     wave = (0.3 * np.sin(np.arange(32000) / 7)).astype(np.float32)
     wave[5000:6000] = np.nan  # a float WAV with NaN samples decodes without error
     scipy.io.wavfile.write(split["audios"] / f"{victim}.wav", 16000, wave)
-    with pytest.raises(UnusableItemsError, match=rf"1 item\(s\) .* unusable: {victim} \({victim}: non-finite"):
+    with pytest.raises(UnusableItemsError, match=rf"1 item\(s\) .* unusable: {victim} \({victim}: .*NaN or inf"):
+        evaluate(sample_root, checkpoint, split, tmp_path / "out")
+
+
+def test_a_non_finite_embedding_from_the_model_is_named(sample_root, checkpoint, tmp_path, monkeypatch):
+    """Finite inputs, but the model gives one item a NaN embedding (a diverged checkpoint): the id is named."""
+    from gram.models.gram_model import GramModel
+
+    split = make_split(sample_root, tmp_path / "split")
+    embed = GramModel.embed_tokens
+
+    def poisoned(self, modality, *args, **kwargs):
+        rows = embed(self, modality, *args, **kwargs)
+        if modality == "video" and not self.training:
+            rows = rows.clone()
+            rows[0] = float("nan")  # the first item of every batch
+        return rows
+
+    monkeypatch.setattr(GramModel, "embed_tokens", poisoned)
+    first, fifth = split["ids"][0], split["ids"][4]  # the first item of each batch of 4
+    with pytest.raises(UnusableItemsError, match=rf"unusable: {first}, {fifth} \({first}: non-finite \(NaN/inf\) video"):
         evaluate(sample_root, checkpoint, split, tmp_path / "out")
 
 
@@ -222,16 +241,10 @@ def test_run_py_names_an_undecodable_test_clip_in_one_line(sample_root, checkpoi
 
 
 # ---------------------------------------------------------------------------------------------- check_dataset
-def _check_dataset():
-    spec = importlib.util.spec_from_file_location("gram_scripts_check_dataset_faults", SCRIPTS / "check_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_check_dataset_strict_fails_on_duplicates_and_truncated_clips(sample_root, tmp_path):
-    check = _check_dataset()
+    check = load_script("check_dataset")
     split = make_split(sample_root, tmp_path / "split", n=4)
     cut = split["ids"][3]
     (split["videos"] / f"{cut}.mp4").unlink()
@@ -269,17 +282,11 @@ def test_every_script_answers_help_without_importing_torch(name):
 
 
 def test_every_script_main_goes_through_run_with_clear_errors():
-    for path in SCRIPTS.glob("*.py"):
-        tail = path.read_text().split('if __name__ == "__main__":', 1)[1]
-        assert "run_with_clear_errors(main)" in tail, path.name
+    for path in SCRIPTS.glob("*.py"):  # at the entry point itself, or inside main() once the arguments are parsed
+        text = path.read_text()
+        assert 'if __name__ == "__main__":' in text and "run_with_clear_errors(" in text, path.name
 
 
-def _script_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"gram_scripts_faults_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_argument_errors_are_one_line_in_a_real_process():
@@ -306,7 +313,7 @@ def test_scripts_turn_a_bad_input_into_one_line(name, args, culprit, tmp_path, m
     """Each script's main as its `__main__` block runs it (checked above): one line naming the culprit, status 2."""
     from gram.cli import run_with_clear_errors
 
-    module = _script_module(name)
+    module = load_script(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRAM_DEBUG", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -337,7 +344,7 @@ def retrieve_main(*args: str) -> tuple[int, str, str]:
 
     from gram.cli import run_with_clear_errors
 
-    module = _script_module("retrieve")
+    module = load_script("retrieve")
     out, err, code, stdin = io.StringIO(), io.StringIO(), 0, sys.stdin
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         sys.stdin = io.StringIO("")  # no queries on stdin

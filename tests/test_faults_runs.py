@@ -58,6 +58,19 @@ def _resume(sample_root, out: Path, *extra: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ preemption
+def _start_training(cmd: list[str], out, timeout: float) -> subprocess.Popen:
+    """Start a run in its own process group (as SLURM or a shell job would) and return once it has logged two
+    steps (or ended, or `timeout` seconds passed)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.3)
+    return proc
+
+
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     from gram.data.loader import leave_signals_to_main
 
@@ -76,13 +89,7 @@ def test_stop_signal_to_the_process_group_saves_and_the_printed_command_resumes(
     out = tmp_path / "preempted"
     cmd = [sys.executable, str(ROOT / "run.py"), *sample_overrides(
         sample_root, "trainer.max_steps=100000", "data.batch_size=8", "data.num_workers=2"), f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.3)
+    proc, metrics = _start_training(cmd, out, timeout=300), out / "metrics.jsonl"
     os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -287,13 +294,7 @@ def test_sigterm_to_a_torchrun_group_saves_on_every_rank(sample_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
            str(ROOT / "run.py"), *sample_overrides(sample_root, "trainer.max_steps=100000", "data.batch_size=8",
                                                    "data.num_workers=1"), f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.3)
+    proc, metrics = _start_training(cmd, out, timeout=400), out / "metrics.jsonl"
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     last = read_metrics(metrics)[-1]["step"]

@@ -120,7 +120,8 @@ def test_final_checkpoint_exists_even_when_the_final_evaluation_fails(sample_roo
     train = derived_split(sample_root, tmp_path / "train", "train", 8)
     test = derived_split(sample_root, tmp_path / "test", "test", 4)
     replace_media(tmp_path / "test", "videos", "clip00097")
-    (tmp_path / "test" / "videos" / "clip00097.mp4").write_bytes(b"")  # a zero-byte test clip
+    # Undecodable bytes: found only when evaluation decodes the clip (a zero-byte file is refused before training).
+    (tmp_path / "test" / "videos" / "clip00097.mp4").write_bytes(b"\x00" * 1000)
     test_ids = [r["video_id"] for r in json.loads((tmp_path / "test" / "test.json").read_text())]
     assert "clip00097" in test_ids, test_ids
     cfg = compose_config(*sample_overrides(sample_root, *FAST, *train, *test, "trainer.max_steps=1",
@@ -128,6 +129,12 @@ def test_final_checkpoint_exists_even_when_the_final_evaluation_fails(sample_roo
     with pytest.raises(Exception, match="clip00097"):
         run(cfg)
     assert [p.name for p in list_checkpoints(out)] == ["step_00000001"]  # the trained weights are kept
+
+    (tmp_path / "test" / "videos" / "clip00097.mp4").write_bytes(b"")  # zero bytes: refused before any training
+    with pytest.raises(Exception, match="clip00097"):
+        run(compose_config(*sample_overrides(sample_root, *FAST, *train, *test, "trainer.max_steps=1",
+                                             "data.test.canonical_size=null"), output_dir=tmp_path / "out2"))
+    assert list_checkpoints(tmp_path / "out2") == []
 
 
 def test_best_metric_typo_fails_at_start_naming_the_valid_names():

@@ -329,7 +329,8 @@ def test_released_folder_is_converted_once_for_the_models_modalities(tmp_path, c
     argv = converter[0]
     assert argv[1].endswith("scripts/convert_checkpoint.py") and Path(argv[1]).is_file()
     assert argv[2].endswith("ckpt/model_step_200.pt")  # the latest step, as the reference's --pretrain_dir
-    assert argv[4:] == ["--modalities", "video", "audio", "subtitle", "--beats-cfg", str(tmp_path / BEATS)]
+    assert argv[4:] == ["--modalities", "video", "audio", "subtitle", "--beats-cfg", str(tmp_path / BEATS),
+                        "--tokenizer", str(tmp_path / "bert/bert-base-uncased")]
     # the same release for a T-VA finetuning: its own converted folder
     va = P.resolve_pretrained("gram-pretrained-tvas", tmp_path, modalities=["video", "audio"], download=False)
     assert va == tmp_path / "gram/pretrained_tvas-tva" and converter[1][4:7] == ["--modalities", "video", "audio"]
@@ -413,11 +414,14 @@ def test_real_conversion_of_a_tiny_release_loads_by_name(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from gram.models.gram_model import GramModel
     from tests.test_convert import inputs, load_converted, outputs, reference_layout, tiny_config
+    from tests.test_released import hps, write_vocabulary
 
     torch.manual_seed(0)
     model = GramModel(tiny_config())  # the reference's state dict always holds every head
     released = tmp_path / "gram/released/GRAM_finetuned_ANET"
     write_release(released, steps=())
+    (released / "log" / "hps.json").write_text(json.dumps(hps()))  # the real keys, for the tiny model
+    write_vocabulary(tmp_path / P.REGISTRY["bert-base-uncased"].path)  # where the registry keeps the vocabulary
     torch.save(reference_layout(model, 0.05), released / "ckpt" / "model_step_3.pt")
     command = P.convert_command  # the tiny model's head counts are not the full model's: name its config
 
@@ -467,8 +471,8 @@ def test_run_takes_names_for_checkpoint_and_init_from(sample_root, tmp_path, mon
     assert next(iter(tested.values()))["checkpoint"] == str(weights / "gram/finetuned_didemo")
 
     loaded = []
-    real_load = main.ckpt.load_weights
-    monkeypatch.setattr(main.ckpt, "load_weights", lambda task, path: loaded.append(path) or real_load(task, path))
+    real_load = main.load_init_weights
+    monkeypatch.setattr(main, "load_init_weights", lambda task, path: loaded.append(path) or real_load(task, path))
     main.run(compose_config(*sample_overrides(sample_root, "trainer.max_steps=1", f"paths.weights_dir={weights}",
                                               "init_from=gram-pretrained-tvas"), output_dir=tmp_path / "second"))
     assert loaded == [weights / "gram/pretrained_tvas-tva"]

@@ -3,25 +3,15 @@ and the `# @package _global_` header of configs/local files (the documented exam
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
-import sys
 
 import pytest
 
 from gram.data.sample import generate_sample_dataset
 from gram.main import to_dataclass
-from tests.conftest import ROOT, compose_config
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"gram_scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import ROOT, compose_config, load_script
 
 
 def help_text(module, capsys, call) -> str:

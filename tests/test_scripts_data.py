@@ -1,8 +1,6 @@
 """scripts/prepare_dataset.py and scripts/check_dataset.py on a folder of generated tiny videos."""
 
-import importlib.util
 import json
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,20 +11,12 @@ import pytest
 from gram.cli import UserError
 from gram.data.audio import load_waveform
 from gram.data.video import decode_frames
+from tests.conftest import load_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"gram_scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes unpickle functions by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load_script("prepare_dataset")
-check = _load_script("check_dataset")
+prepare = load_script("prepare_dataset")
+check = load_script("check_dataset")
 
 
 def write_clip(path: Path, seconds: float = 1.0, fps: int = 20, size=(48, 32), audio_rate: int | None = 22050):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -19,7 +18,7 @@ from gram.cli import UserError
 from gram.eval import geometry
 from gram.inference import GramPredictor, load_model
 from gram.main import run
-from tests.conftest import ROOT, compose_config, sample_overrides
+from tests.conftest import ROOT, compose_config, load_script, sample_overrides
 
 SCRIPTS = ROOT / "scripts"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,16 +26,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MEMORISE_STEPS = 20
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"gram_scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-retrieve = _load_script("retrieve")
-diagnose = _load_script("diagnose")
+retrieve = load_script("retrieve")
+diagnose = load_script("diagnose")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ splitting, mixture weights and exact resume, on shards built from a small genera
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from gram.data.shards import (
     write_shards,
 )
 from gram.data.tokenizer import load_tokenizer
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_shards.py"
 MODALITIES = ("video", "audio", "subtitle")
@@ -151,10 +150,7 @@ def test_sample_keys_are_clean_and_unique():
 
 
 def test_make_shards_script(sample, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("gram_scripts_make_shards", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    script = load_script("make_shards")
     assert script.parse_size("2GB") == 2 * 10**9 and script.parse_size("512MiB") == 512 * 2**20
     code = script.main(["--annotations", str(sample["annotations"]["test"]), "--video-dir", str(sample["videos"]),
                         "--audio-dir", str(sample["audios"]), "--out", str(tmp_path), "--samples-per-shard", "3",
