@@ -20,6 +20,7 @@ def _run(tmp_path: Path, *extra: str, status: int = 0) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_each_section_and_writes_json(tmp_path, capsys):
     result = _run(tmp_path, "--sections", "attention", "step", "loss", "eval")
     records = {(r["section"], r["name"]): r for r in result["records"]}
@@ -60,6 +61,7 @@ def test_a_failing_case_is_recorded_and_the_other_sections_still_run(tmp_path, m
     assert status["eval", "N=200 k=3"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_case_past_its_time_limit_is_recorded_as_a_timeout():
     run = gpu.Run(budget_s=30, smoke=True)
     with run.guard("step", "slow", 1.5) as record:

@@ -269,6 +269,7 @@ def test_allow_list_accepts_only_the_named_missing_keys(source):
     assert report.ok and report.allowed_missing == ["model.projections.depth.weight"]
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_runs_in_test_mode(tmp_path, sample_root, source):
     """`run.py mode=test checkpoint=OUT` rebuilds the converted model from its config.json alone and evaluates."""
     code, out = convert_file(tmp_path, reference_layout(source, TAU))  # default modalities: video, audio

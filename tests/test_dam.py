@@ -43,6 +43,7 @@ def test_never_samples_the_positive_even_when_it_dominates(single_thread: None) 
 
 
 @pytest.mark.parametrize(("total", "scale", "draws"), [(6, 1.5, 2000), (70, 1.0, 4000)])
+@pytest.mark.slow
 def test_samples_follow_the_softmax_distribution(
     single_thread: None, total: int, scale: float, draws: int
 ) -> None:

@@ -50,12 +50,14 @@ def ddp_weights(ddp_run):
     return final_weights(ddp_run)
 
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_the_same_global_batch(ddp_weights, sample_root, tmp_path):
     run(compose_config(*sample_overrides(sample_root, *COMMON), output_dir=tmp_path / "single"))
     assert_close(final_weights(tmp_path / "single"), ddp_weights, atol=1e-4)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_deepspeed_zero_matches_ddp(stage, ddp_weights, sample_root, tmp_path):
     out = tmp_path / f"zero{stage}"
     torchrun(out, sample_overrides(sample_root, *COMMON, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}"),
@@ -64,6 +66,7 @@ def test_deepspeed_zero_matches_ddp(stage, ddp_weights, sample_root, tmp_path):
     assert (list_checkpoints(out)[-1] / "deepspeed").is_dir()  # partitioned optimizer state saved per rank
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_of_an_uneven_split_equals_one_process(ddp_run, sample_root, tmp_path):
     records = json.loads((sample_root / "annotations" / "test.json").read_text())[:23]  # 12 + 11 per rank
     subset = tmp_path / "test23.json"

@@ -26,6 +26,7 @@ def trained(sample_root, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_training_writes_results_and_checkpoint(trained):
     out, result = trained
     saved = json.loads((out / "results.json").read_text())
@@ -60,6 +61,7 @@ def _cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_names_the_key(tmp_path):
     proc = _cli("trainer.max_stepz=3", f"output_dir={tmp_path}")
     assert proc.returncode == 2
@@ -67,6 +69,7 @@ def test_cli_unknown_key_names_the_key(tmp_path):
     assert "+trainer.max_stepz" not in proc.stderr and "Traceback" not in proc.stderr  # not Hydra's advice
 
 
+@pytest.mark.slow
 def test_cli_missing_checkpoint_is_one_clear_error(tmp_path, sample_root):
     missing = tmp_path / "nope"
     proc = _cli("mode=test", f"checkpoint={missing}", *sample_overrides(sample_root), f"output_dir={tmp_path}/o")
@@ -74,6 +77,7 @@ def test_cli_missing_checkpoint_is_one_clear_error(tmp_path, sample_root):
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_data_folder_is_one_clear_error(tmp_path):
     proc = _cli("data.generate_sample=false", f"data.sample_dir={tmp_path}/absent", "logger.wandb.mode=disabled",
                 f"output_dir={tmp_path}/o")
@@ -81,6 +85,7 @@ def test_cli_missing_data_folder_is_one_clear_error(tmp_path):
     assert f"{tmp_path}/absent" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_and_logs_to_a_file(tmp_path, sample_root):
     out = tmp_path / "cli"
     proc = _cli(*sample_overrides(sample_root, "trainer.max_steps=3"), f"output_dir={out}")
@@ -89,6 +94,7 @@ def test_cli_trains_and_logs_to_a_file(tmp_path, sample_root):
     assert "step 3/3" in (out / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluate(tmp_path, sample_root):
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -71,6 +71,7 @@ def _start_training(cmd: list[str], out, timeout: float) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     from gram.data.loader import leave_signals_to_main
 
@@ -110,6 +111,7 @@ def test_stop_signal_to_the_process_group_saves_and_the_printed_command_resumes(
 
 
 # ------------------------------------------------------------------------------------------------ folders
+@pytest.mark.slow
 def test_a_second_run_in_a_held_folder_fails_at_once_naming_folder_and_holder(sample_root, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
@@ -202,6 +204,7 @@ def test_slurm_script_names_the_folder_by_experiment_overrides_and_array_task(tm
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.slow
 def test_damaged_weights_are_named_in_one_line(copy_of_run, sample_root, tmp_path):
     weights = copy_of_run / "checkpoints" / "step_00000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

@@ -146,6 +146,7 @@ def test_best_metric_typo_fails_at_start_naming_the_valid_names():
     to_dataclass(compose_config("mode=test", "checkpoint=x", "eval=sample_classes"))  # no training: not used
 
 
+@pytest.mark.slow
 def test_half_the_training_media_missing_stops_at_start_in_one_line(sample_root, tmp_path):
     split = derived_split(sample_root, tmp_path / "data", "train", 80, ghosts=40)
     out = tmp_path / "out"

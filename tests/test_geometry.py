@@ -138,6 +138,7 @@ def test_bad_inputs_are_refused():
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(tmp_path):
     import matplotlib.image
 

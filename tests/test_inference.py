@@ -59,6 +59,7 @@ def reference(trained, sample_root):
     return {"dataset": test, "captions": captions, "text": text, **items}
 
 
+@pytest.mark.slow
 def test_model_is_ready(predictor):
     assert not predictor.model.training
     assert predictor.modalities == ("video", "audio")
@@ -252,6 +253,7 @@ def test_hub_folder_without_preprocessing_says_how_to_fix(trained, tmp_path):
         load_model(bare)
 
 
+@pytest.mark.slow
 def test_mode_test_evaluates_a_hub_folder(trained, sample_root, tmp_path):
     from gram.models.hub import checkpoint_to_hub
 

@@ -83,6 +83,7 @@ def test_audio_pairing_prefers_same_stem_file(clip_folders):
     assert any(s.parent == audios for s in sources) and any(s.parent == videos for s in sources)
 
 
+@pytest.mark.slow
 def test_own_caption_is_in_the_top_5_for_most_clips(memorised, clip_folders, tmp_path, capsys):
     videos, audios, captions = clip_folders
     queries = list(captions.values())
@@ -146,6 +147,7 @@ def test_mismatched_index_and_bad_arguments_are_refused(memorised, tmp_path):
         retrieve.parse_args(["--checkpoint", str(memorised), "--query", "x"])  # neither --videos nor --index
 
 
+@pytest.mark.slow
 def test_retrieve_cli(memorised, clip_folders, tmp_path):
     videos, audios, captions = clip_folders
     query = next(iter(captions.values()))
@@ -164,6 +166,7 @@ def _check_png(path: Path) -> None:
     assert matplotlib.image.imread(path).ndim == 3
 
 
+@pytest.mark.slow
 def test_diagnose_on_a_data_config(memorised, sample_root, tmp_path, capsys):
     out = tmp_path / "diag"
     result = diagnose.main(["--checkpoint", str(memorised), "--data", "sample", "--output-dir", str(out),

@@ -15,6 +15,7 @@ def read_history(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_volume_plus_dam_trains_for_hundreds_of_steps_without_diverging(sample_root, tmp_path):
     # A published TRIANGLE reproduction saw the geometric loss diverge next to the matching loss: watch both parts.
     out = tmp_path / "long"
@@ -39,6 +40,7 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(sample_root, tmp_path):
     from gram.checkpoint_format import list_checkpoints
 
@@ -55,6 +57,7 @@ def test_resume_is_bitwise_exact(sample_root, tmp_path):
     assert [h["loss"] for h in read_history(tmp_path / "once")] == [h["loss"] for h in read_history(tmp_path / "split")]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_root, tmp_path):
     import os
     import signal
@@ -87,6 +90,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_root, tmp_path):
 LOSS_CURVE = ("trainer.max_steps=10", "data.batch_size=8", "trainer.log_every=1", "trainer.eval_every=0")
 
 
+@pytest.mark.slow
 def test_loss_curve_matches_the_stored_one(sample_root, tmp_path):
     """Any change to the numbers of this tiny deterministic run shows here and must be explained in the commit.
 
@@ -110,6 +114,7 @@ def test_loss_curve_matches_the_stored_one(sample_root, tmp_path):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.slow
 def test_runs_are_bitwise_equal_across_processes(sample_root, tmp_path, deterministic):
     """Two separate processes (2 loader workers) end with identical weights: enforced with
     trainer.deterministic=true, and so far also true of default runs with several CPU threads."""

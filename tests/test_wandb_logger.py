@@ -75,6 +75,7 @@ def test_disabled_makes_no_run(fake_wandb, tmp_path):
     assert fake_wandb == [] and not (tmp_path / RUN_ID_FILE).exists()
 
 
+@pytest.mark.slow
 def test_offline_sync_command_names_the_real_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = RunLogger(logger_cfg(), tmp_path, {"a": 1})
