@@ -125,6 +125,17 @@ def test_undecodable_files_name_the_file(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_a_half_downloaded_mp4_is_truncated_for_every_backend(backend, sample_root, tmp_path):
+    from gram.data.errors import TruncatedMediaError
+    from tests.test_faults_eval import half_downloaded
+
+    _installed(backend)
+    half = half_downloaded(sample_root / "videos" / "clip00000.mp4", tmp_path / "half.mp4")
+    with pytest.raises(TruncatedMediaError, match="half.mp4 is truncated"):
+        decode_frames(half, [0], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
 def test_a_missing_backend_is_one_line_naming_the_setting_and_the_install(backend, monkeypatch, tmp_path):
     def unavailable(name):
         raise (RuntimeError if name == "torchcodec" else ImportError)(f"No module named '{name}'\nmore lines")
