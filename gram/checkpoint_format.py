@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -183,3 +184,17 @@ def save_weights(module: nn.Module, path: Path) -> None:
             metadata[name] = kept
             del state[name]
     save_file(state, str(path), metadata={"format": "pt", **metadata})
+
+
+def load_tensor_file(path: str | Path, what: str, hint: str = "") -> Any:
+    """A ``.pt`` file read with ``weights_only`` (tensors and plain containers; nothing else is unpickled), or one
+    line naming the file: missing (``FileNotFoundError``, with ``hint``), or holding other objects (``UserError``).
+    ``what`` says what the file should be ("BEATs checkpoint", "reference GRAM checkpoint")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path} holds objects other than tensors and plain values, so it is not a {what} that can "
+                        f"be loaded safely (refusing to unpickle it): {str(err).splitlines()[0]}") from err

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,14 +279,7 @@ def data_section(settings: HpsSettings, model_cfg: ModelConfig, vocabulary: str)
 # ------------------------------------------------------------------------------------------------ conversion
 def load_reference(path: str | Path) -> dict[str, torch.Tensor]:
     """The unwrapped reference state dict of a .pt file (tensors only: nothing else is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path} holds more than tensors, refusing to unpickle it: {str(err).splitlines()[0]}") \
-            from err
+    state = ckpt.load_tensor_file(path, "reference GRAM checkpoint")
     if not isinstance(state, Mapping):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     return unwrap_reference(state)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from gram.checkpoint_format import load_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -430,13 +431,7 @@ def load_beats_checkpoint(path: str | Path) -> tuple[BeatsConfig, dict[str, torc
     per-layer copies of the shared relative-position table must be identical.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"BEATs checkpoint not found: {path}; {_README_HINT}")
-    try:
-        checkpoint_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} holds objects other than tensors and plain values, so it is not an official "
-                         f"BEATs checkpoint that can be loaded safely: {err}") from err
+    checkpoint_dict = load_tensor_file(path, "official BEATs checkpoint", _README_HINT)
     if not isinstance(checkpoint_dict, dict) or not {"cfg", "model"} <= set(checkpoint_dict):
         found = sorted(checkpoint_dict) if isinstance(checkpoint_dict, dict) else type(checkpoint_dict).__name__
         raise ValueError(f"{path} is not an official BEATs checkpoint (a dict with 'cfg' and 'model'); "
