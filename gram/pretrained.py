@@ -23,7 +23,6 @@ imports neither torch nor open_clip, so listing names and ``--help`` stay instan
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import re
 import shutil
@@ -33,6 +32,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gram.provenance import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
@@ -297,14 +298,6 @@ def _matches(folder: Path, spec: FileSpec) -> list[Path]:
     return paths
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_files(path: Path, files: Sequence[FileSpec], hash_files: bool = False) -> list[str]:
     """Problems of the release at ``path`` (empty: complete). Sizes are always checked, sha256 if asked."""
     if not path.exists():
@@ -324,7 +317,7 @@ def check_files(path: Path, files: Sequence[FileSpec], hash_files: bool = False)
         if spec.size is not None and is_primary_name and primary.stat().st_size != spec.size:
             problems.append(f"{primary} has {primary.stat().st_size} bytes, expected {spec.size} (incomplete or "
                             f"another file)")
-        elif hash_files and spec.sha256 and is_primary_name and sha256_of(primary) != spec.sha256:
+        elif hash_files and spec.sha256 and is_primary_name and file_sha256(primary) != spec.sha256:
             problems.append(f"{primary} fails its sha256 check (expected {spec.sha256})")
     return problems
 

@@ -106,17 +106,15 @@ def weights_sha256(checkpoint: str, predictor: GramPredictor) -> str:
     import torch
 
     from gram import checkpoint_format as ckpt
+    from gram.provenance import file_sha256
 
-    digest = hashlib.sha256()
     try:
         weights = ckpt.resolve_checkpoint(checkpoint) / ckpt.WEIGHTS
     except FileNotFoundError:
         weights = None
     if weights is not None and weights.is_file():
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(weights)
+    digest = hashlib.sha256()
     for name, tensor in sorted(predictor.model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

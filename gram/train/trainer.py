@@ -124,7 +124,6 @@ class Trainer:
         self._pending_seen, self._pending_failed = 0, 0  # this rank's counts since the last step
         # Items the dataset left out for lack of a media file count with the clips that fail to load.
         self.missing_fraction = getattr(getattr(stream, "dataset", None), "missing_fraction", 0.0)
-        self._saved_step = -1
         self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
         # The checkpoint this run last saved or resumed from; why it stopped before max_steps, if it did
         # ("SIGTERM", "SIGINT", "trainer.stop_after_steps").
@@ -165,7 +164,7 @@ class Trainer:
         self.stream.load_state(state["data"])
         self.step, self.best = state["step"], state["best"]
         self.samples_seen, self.samples_failed = state.get("samples_seen", 0), state.get("samples_failed", 0)
-        self.skipped_steps, self._saved_step = state.get("skipped_steps", 0), self.step
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.best = max(self.best, _evaluated_metric(folder, self.tcfg.best_metric))
         if rng is not None and state.get("world_size") == dist.get_world_size():
             ckpt.set_rng_state(rng)
@@ -198,11 +197,14 @@ class Trainer:
                          self.step)
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    def _saved_this_step(self) -> bool:
+        """Whether the checkpoint of the current step is on disk (saved by this run, or the one it resumed from)."""
+        return self.last_checkpoint == ckpt.step_folder(self.output_dir, self.step)
+
     def save(self, best: bool = False) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(
             self.output_dir, self.step, self.task, self.config_dict, self.state_dict(), keep_last=self.tcfg.keep_last,
             best=best, save_extra=self.engine.save_extra)
-        self._saved_step = self.step
         return self.last_checkpoint
 
     # ------------------------------------------------------------------------------------------ steps
@@ -314,7 +316,7 @@ class Trainer:
         due = final or evaluate or bool(self.tcfg.save_every and self.step % self.tcfg.save_every == 0)
         folder = None
         if due:
-            folder = self.save() if self._saved_step != self.step else ckpt.step_folder(self.output_dir, self.step)
+            folder = self.last_checkpoint if self._saved_this_step() else self.save()
         if not evaluate:
             return None
         if self._evaluated is not None and self._evaluated[0] == self.step:  # eval_every already reached max_steps
@@ -361,14 +363,14 @@ class Trainer:
         if self.step >= self.tcfg.max_steps:
             return self.checkpoint_and_evaluate(final=True)
         self.stopped_by = stop.signal_name or ("a signal" if self.step < stop_at else "trainer.stop_after_steps")
-        if self._saved_step != self.step:  # stopped early: save, evaluate later
+        if not self._saved_this_step():  # stopped early: save, evaluate later
             self.save()
         return None
 
     def _save_before_stopping(self, error: Exception) -> None:
         """Keep the work, and say where: the weights are the last good step's (a skipped update is never
         applied)."""
-        if self.step > 0 and self._saved_step != self.step:
+        if self.step > 0 and not self._saved_this_step():
             folder = self.save()
             error.args = (f"{error.args[0]}; the work so far (the last finite weights) is saved in {folder}",)
 
