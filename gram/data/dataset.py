@@ -37,6 +37,7 @@ from gram.data.audio import (
     load_audio_clips,
     silent_clips,
 )
+from gram.data.errors import shown_ids
 from gram.data.video import VideoTransform, load_video_frames
 from gram.data.video_backends import require_backend
 
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 
 class TooManyFailedSamplesError(UserError):
     """More training items are missing or unusable than `data.max_failed_fraction` allows."""
-
-
-def shown_ids(ids: Sequence[str], limit: int = 10) -> str:
-    """The first `limit` ids, comma-separated, with "..." when there are more (for one-line messages)."""
-    return ", ".join(ids[:limit]) + (" ..." if len(ids) > limit else "")
 
 
 def require_finite(values: torch.Tensor, path: Path, what: str) -> torch.Tensor:
@@ -70,7 +66,7 @@ class UnusableItemsError(UserError):
 
     def __init__(self, split: str, unusable: dict[str, str], listing: Path | None, what: str = "unusable"):
         ids = list(unusable)
-        shown = ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
+        shown = shown_ids(ids, SHOWN_IDS)
         first = " ".join(unusable[ids[0]].split())
         where = f"; every id with its reason in {listing}" if listing else ""
         super().__init__(
@@ -107,7 +103,7 @@ def report_unusable(split_name: str, unusable: dict[str, str], report_dir: str |
         raise error(split_name, unusable, listing)
     ids = list(unusable)
     log.warning("%s: %d item(s) left out of the evaluation (eval.allow_missing=true): %s%s", split_name, len(ids),
-                ", ".join(ids[:SHOWN_IDS]), f" ... (all in {listing})" if listing else "")
+                shown_ids(ids, SHOWN_IDS), f" (all in {listing})" if listing else "")
     return listing
 
 
@@ -224,11 +220,10 @@ class VideoTextDataset(Dataset):
         counts = Counter(r.video_id for r in self.records)
         repeated = [i for i, n in counts.items() if n > 1]
         if repeated:
-            shown = ", ".join(f"{i} (x{counts[i]})" for i in repeated[:SHOWN_IDS])
-            more = f" and {len(repeated) - SHOWN_IDS} more" if len(repeated) > SHOWN_IDS else ""
+            shown = shown_ids([f"{i} (x{counts[i]})" for i in repeated], SHOWN_IDS)
             raise DuplicateIdsError(
                 f"{self.split.annotations}: {len(repeated)} id(s) appear more than once in this evaluation split: "
-                f"{shown}{more}. A duplicated item ties with itself and can never rank first; keep one record per "
+                f"{shown}. A duplicated item ties with itself and can never rank first; keep one record per "
                 f"id (merge their captions into one list)")
 
     def _resolve(self, record: AnnotationRecord) -> MediaPaths:

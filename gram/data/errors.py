@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gram.cli import UserError
+
+
+def shown_ids(ids: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` ids, comma-separated, and how many more there are (for one-line messages)."""
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 class MediaError(UserError):

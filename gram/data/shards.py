@@ -57,6 +57,7 @@ from gram.config import DataConfig, DatasetConfig, ShardsConfig
 from gram.data.annotations import AnnotationRecord, resolve_media
 from gram.data.audio import MediaError
 from gram.data.dataset import ItemBuilder, _sample_seed
+from gram.data.errors import shown_ids
 from gram.data.loader import EpochStream, leave_signals_to_main
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _collect(records: Iterable[AnnotationRecord], resolve: MediaResolver, requir
         seen.add(key)
         planned.append(_Planned(key, record, media))
     if empty:
-        shown = ", ".join(repr(i) for i in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        shown = shown_ids([repr(i) for i in empty], 5)
         log.warning("skipping %d record(s) whose captions are all empty: %s (listed in the index's "
                     "empty_caption_ids)", len(empty), shown)
     return planned, missing, duplicates, empty
