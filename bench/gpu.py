@@ -11,8 +11,8 @@ a compile error or its time limit is recorded in the table and the rest still ru
   (``gram.train.engine.TorchEngine``, bf16 autocast), batch sizes doubling until one does not fit, with and
   without gradient checkpointing: samples/s, step ms, peak memory, and MFU = model FLOPs per sample
   (``torch.utils.flop_counter`` on one eager step without checkpointing, so recomputation is not counted) x
-  samples/s / the card's dense bf16 peak (``PEAK_BF16_TFLOPS``, by device name); and the finite-loss check read
-  on the host before the update (a sync per step, as the trainer does) vs kept on the device (fused AdamW);
+  samples/s / the card's dense bf16 peak (``PEAK_BF16_TFLOPS``, by device name); and the trainer's own step with
+  its numbers read at once (the host waits for the device every step) vs one step late, as ``Trainer.fit`` does;
 * ``compile``: the same step with every transformer block of the three encoders compiled (``torch.compile``,
   regional, so 40 identical EVA blocks compile once) against eager, at one batch size;
 * ``zero2``: the same step under DeepSpeed ZeRO-2 on one rank (``gram.train.engine.DeepSpeedEngine``) against the
@@ -355,36 +355,56 @@ def section_step(run: Run, cfg, device, args, results: dict) -> None:
             if record["status"] != "ok":
                 break  # OOM (or time): larger batches will not fit either
         if not checkpointing:
-            measure_host_sync(run, cfg, device, args, engine, results)
+            measure_trainer_reads(run, cfg, device, args, engine, results)
     del engine, task
     reset_memory(device)
 
 
-def measure_host_sync(run: Run, cfg, device, args, engine, results: dict) -> None:
-    """The trainer's finite-loss check read on the host before the update (a sync per step) vs the same check
-    kept on the device (fused AdamW's ``found_inf``), at one batch size without checkpointing."""
-    import torch
+class RepeatStream:
+    """The trainer's data stream, serving one prepared batch every step."""
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch, self.micro_batch = batch, len(batch["ids"])
+
+    def __next__(self) -> dict[str, Any]:
+        return self.batch
+
+    def state(self) -> dict[str, int]:
+        return {}
+
+
+def measure_trainer_reads(run: Run, cfg, device, args, engine, results: dict) -> None:
+    """The trainer's own step (``gram.train.trainer.Trainer``, on the section's engine) with its numbers read at
+    once (``train_step``: the host waits for the device every step) vs read one step late, as ``fit`` does
+    (``launch_step`` then ``settle`` of the previous step: the device never waits for the host)."""
+    import tempfile
+
+    from gram.train.trainer import Trainer
 
     batch_size = largest_fitting(results, False, args.compile_batch) or min(args.batch_sizes)
-    batch = synthetic_batch(cfg, batch_size, device)
+    stream = RepeatStream(synthetic_batch(cfg, batch_size, device))
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer writes nothing without fit
+        trainer = Trainer(dataclasses.replace(cfg, trainer=trainer_config(cfg, device)), engine.task, stream, device,
+                          {}, scratch)
+    trainer.engine = engine  # its optimizer state exists already
+    pending: list = []
 
-    def step(on_device: bool) -> Callable[[], None]:
-        def run_step() -> None:
-            losses = engine.forward_backward(batch, 1, last=True)
-            finite = torch.isfinite(losses["loss"].detach())
-            engine.step(finite if on_device else bool(finite))
-
-        return run_step
+    def read_late() -> None:
+        pending.append(trainer.launch_step())
+        if len(pending) > 1:
+            trainer.settle(pending.pop(0))
 
     timings = {}
-    for name, on_device in (("host check", False), ("device check", True)):
+    for name, step in (("trainer reads at once", trainer.train_step), ("trainer reads late", read_late)):
         with run.guard("step", f"{name} B={batch_size}", args.share["step"] / 10) as record:
-            seconds = time_steps(step(on_device), device, args.warmup, args.iters)
+            seconds = time_steps(step, device, args.warmup, args.iters)
             timings[name] = seconds
             record.update(batch=batch_size, step_ms=round(1000 * seconds, 1),
                           samples_per_s=round(batch_size / seconds, 2))
-            if on_device and "host check" in timings:
-                record["speedup"] = round(timings["host check"] / seconds, 3)
+            if name.endswith("late") and len(timings) == 2:
+                record["speedup"] = round(timings["trainer reads at once"] / seconds, 3)
+    while pending:
+        trainer.settle(pending.pop(0))
 
 
 def largest_fitting(results: dict, checkpointing: bool, cap: int) -> int | None:

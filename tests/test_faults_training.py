@@ -20,6 +20,7 @@ from torch import nn
 from gram.checkpoint_format import list_checkpoints
 from gram.cli import UserError, run_with_clear_errors
 from gram.main import run, to_dataclass
+from gram.train.logger import read_metrics
 from gram.train.trainer import NonFiniteLossError, TooManyFailedSamplesError, Trainer
 from tests.conftest import ROOT, compose_config, sample_overrides
 
@@ -109,10 +110,13 @@ def test_diverging_learning_rate_skips_steps_then_stops_after_saving(sample_root
     assert len(saved) == 1 and str(saved[0]) in message
     last = int(saved[0].name.split("_")[1])
     assert f"the last at step {last};" in message  # the step numbering of the log and metrics.jsonl
+    # Each step is read while the next one runs, so the stop comes a step after the limit; the message and the
+    # checkpoint describe every step taken (the run's steps are bad from some step on).
     skipped = [r.getMessage() for r in caplog.records if "the update is skipped" in r.getMessage()]
-    assert [m.split(":")[0] for m in skipped] == [f"step {last - 1}", f"step {last}"]
+    assert [m.split(":")[0] for m in skipped] == [f"step {s}" for s in range(last - len(skipped) + 1, last + 1)]
+    assert len(skipped) in (2, 3) and message.startswith(f"{len(skipped)} steps in a row")
     state = torch.load(saved[0] / "train_state.pt", weights_only=False)
-    assert state["skipped_steps"] == 2 and state["step"] == last
+    assert state["skipped_steps"] == len(skipped) and state["step"] == last
 
 
 def test_final_checkpoint_exists_even_when_the_final_evaluation_fails(sample_root, tmp_path):
@@ -226,7 +230,9 @@ def toy_trainer(tmp_path, stream, *overrides):
 
 
 def test_nan_input_skips_the_step_names_the_clip_and_the_limit_stops_after_saving(tmp_path, caplog):
-    poisoned = {3: "c3_5", 4: "c4_0", 5: "c5_2"}  # steps 3, 4 and 5 each carry one clip with a NaN sample
+    # Steps 3-6 each carry one clip with a NaN sample. The limit (3) is reached at step 5, read while step 6 runs:
+    # step 6 is counted too, and the message describes all four.
+    poisoned = {3: "c3_5", 4: "c4_0", 5: "c5_2", 6: "c6_1"}
     stream = ToyStream(lambda step: toy_batch(step, nan_ids=(poisoned.get(step),)), 8)
     trainer = toy_trainer(tmp_path, stream, "trainer.max_steps=10", "trainer.max_bad_steps=3")
     trainer.train_step()
@@ -236,12 +242,25 @@ def test_nan_input_skips_the_step_names_the_clip_and_the_limit_stops_after_savin
         trainer.fit()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.task.parameters()))  # no NaN update applied
     message = str(raised.value)
-    assert "the last at step 5;" in message and "c5_2" in message and "remove or fix" in message
+    assert message.startswith("4 steps in a row") and "the last at step 6;" in message and "c6_1" in message
+    assert "remove or fix" in message
     warnings = [r.getMessage() for r in caplog.records if "the update is skipped" in r.getMessage()]
-    assert [w.split(":")[0] for w in warnings] == ["step 3", "step 4", "step 5"]
-    assert "c3_5" in warnings[0] and "c4_0" in warnings[1]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]  # the work is kept
+    assert [w.split(":")[0] for w in warnings] == ["step 3", "step 4", "step 5", "step 6"]
+    assert "c3_5" in warnings[0] and "c4_0" in warnings[1] and "c5_2" in warnings[2]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006"]  # the work is kept
     assert str(list_checkpoints(tmp_path)[0]) in message
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3, 4, 5, 6]  # every step logged
+
+
+def test_a_clean_step_after_the_limit_keeps_the_limit_message_and_its_update(tmp_path):
+    poisoned = {2: "c2_0", 3: "c3_0"}  # the limit (2) is reached at step 3; step 4, already running, is clean
+    stream = ToyStream(lambda step: toy_batch(step, nan_ids=(poisoned.get(step),)), 8)
+    trainer = toy_trainer(tmp_path, stream, "trainer.max_steps=10", "trainer.max_bad_steps=2")
+    with pytest.raises(NonFiniteLossError, match="^2 steps in a row.*the last at step 3; .*c3_0") as raised:
+        trainer.fit()
+    assert trainer.step == 4 and trainer.bad_steps == 0 and trainer.skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in trainer.task.parameters())
+    assert str(tmp_path / "checkpoints" / "step_00000004") in str(raised.value)
 
 
 def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path):
@@ -260,10 +279,11 @@ def test_missing_media_and_failed_clips_count_together(tmp_path):
     trainer = toy_trainer(tmp_path, stream, "trainer.max_steps=50")
     with pytest.raises(TooManyFailedSamplesError) as raised:
         trainer.fit()
+    # The limit is passed at step 7 (7 of 112), read while step 8 runs: the message gives the state after step 8.
     message = str(raised.value)
-    assert message.startswith("step 7: 7 of 112 training samples failed to load and 4.0% of the annotated items")
+    assert message.startswith("step 8: 8 of 128 training samples failed to load and 4.0% of the annotated items")
     assert "data.max_failed_fraction=0.05" in message and "/data/c1_bad0.mp4" in message
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000007"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000008"]
     (tmp_path / "within").mkdir()
     within = toy_trainer(tmp_path / "within", ToyStream(lambda step: toy_batch(step, size=16), 16, missing_fraction=0.04),
                          "trainer.max_steps=8")
@@ -278,13 +298,14 @@ def _two_rank_worker(rank: int, port: int, tmp_path: Path, cfg) -> None:
                                   timeout=timedelta(seconds=60))
     try:
         # Only rank 1 has a bad shard (2 of its 8 samples fail, 1 clip with NaN at step 2): both ranks skip step 2,
-        # name rank 1's clip, and stop together at the same step on the global failure count (2 of 16 per step).
+        # name rank 1's clip, and stop together at the same step on the global failure count (2 of 16 per step):
+        # passed at step 7, read while step 8 runs.
         stream = ToyStream(lambda step: toy_batch(step, failed=2 * rank, nan_ids=("r1_2_0",), prefix=f"r{rank}_"), 8)
         trainer = Trainer(cfg, ToyTask(), stream, torch.device("cpu"), {}, str(tmp_path))
         with pytest.raises(TooManyFailedSamplesError) as raised:
             trainer.fit()
         message = str(raised.value)
-        assert message.startswith("step 7: 14 of 112 training samples failed to load"), message
+        assert message.startswith("step 8: 16 of 128 training samples failed to load"), message
         assert "/data/r1_1_bad0.mp4" in message, message
         assert trainer.skipped_steps == 1
         (tmp_path / f"rank{rank}.txt").write_text(message)
@@ -301,7 +322,7 @@ def test_failures_are_counted_across_ranks_and_stop_every_rank_together(tmp_path
     mp.start_processes(_two_rank_worker, args=(free_port(), tmp_path, cfg), nprocs=2, join=True,
                        start_method="fork")
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000007"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000008"]
 
 
 def test_each_evaluation_follows_its_save_and_marks_the_best_checkpoint(tmp_path):

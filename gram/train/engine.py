@@ -52,23 +52,25 @@ class TorchEngine:
             self.scaler.scale(losses["loss"] / num_micro).backward()
         return losses
 
-    def grads_finite(self) -> bool:
-        """False when an accumulated gradient holds a NaN or infinite value (a finite loss can still give one).
-        With fp16 the gradient scaler skips such steps itself and lowers its scale, as it should."""
-        if self.scaler.is_enabled():
-            return True
+    def grad_norm(self) -> torch.Tensor | None:
+        """The total 2-norm of the accumulated gradients, a 0-dim tensor on the device (nothing waits for it); a
+        NaN or infinite value means the step must be skipped (a finite loss can still give one). None with fp16,
+        whose gradient scaler skips such steps itself and lowers its scale, as it should."""
         grads = [p.grad for p in self.task.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if self.scaler.is_enabled() or not grads:
+            return None
+        return torch.nn.utils.get_total_norm(grads)
 
-    def step(self, finite: bool | torch.Tensor) -> None:
+    def step(self, finite: bool | torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         """Apply the accumulated gradients (or drop them when the loss or a gradient was not finite), then advance
         the lr.
 
-        ``finite`` may be a boolean tensor on the device: with the fused AdamW (CUDA) and no fp16 scaler the skip
-        then happens on the device (the optimizer's ``found_inf``), so the step never waits for the GPU.
+        ``finite`` may be a boolean tensor on the device: with the fused AdamW and no fp16 scaler the skip then
+        happens on the device (the optimizer's ``found_inf``), so the step never waits for it; ``grad_norm``
+        (from :meth:`grad_norm`) saves clipping a second pass over the gradients.
         """
         if isinstance(finite, torch.Tensor) and self._skips_on_device():
-            self._step_on_device(finite)
+            self._step_on_device(finite, grad_norm)
             return
         if finite:
             if self.cfg.grad_clip > 0:
@@ -84,10 +86,13 @@ class TorchEngine:
     def _skips_on_device(self) -> bool:
         return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
 
-    def _step_on_device(self, finite: torch.Tensor) -> None:
+    def _step_on_device(self, finite: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """The fused kernels leave parameters, moments and step counts untouched where ``found_inf`` is 1."""
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip)  # asynchronous
+        if self.cfg.grad_clip > 0:  # asynchronous, like everything here
+            params = [p for p in self.task.parameters() if p.grad is not None]
+            if grad_norm is None:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, grad_norm)
         self.optimizer.found_inf = (~finite.detach().bool()).float().reshape(())
         try:
             self.optimizer.step()
@@ -176,10 +181,10 @@ class DeepSpeedEngine:
         self.model.step()
         return losses
 
-    def grads_finite(self) -> bool:
-        return True  # DeepSpeed stepped already, inside forward_backward (fp16 overflows are skipped by its scaler)
+    def grad_norm(self) -> None:
+        return None  # DeepSpeed stepped already, inside forward_backward (fp16 overflows are skipped by its scaler)
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool | torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         pass  # DeepSpeed stepped at the accumulation boundary; fp16 overflow steps are skipped by its scaler
 
     def lr(self) -> float:

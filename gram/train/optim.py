@@ -30,13 +30,17 @@ def param_groups(module: nn.Module, cfg: TrainerConfig, vision_prefix: str = "en
 
 
 def build_optimizer(module: nn.Module, cfg: TrainerConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`. ``fused`` (default: when every parameter is on a CUDA device) runs the
-    whole update as a few multi-tensor kernels instead of several per parameter, and lets the engine skip a
-    non-finite step on the device (``found_inf``) without waiting for the GPU."""
+    """AdamW over :func:`param_groups`. ``fused`` (default: when PyTorch has the fused kernel for every
+    parameter's device: CUDA, CPU and others) runs the whole update as a few multi-tensor kernels instead of several
+    per parameter, and lets the engine skip a non-finite step on the device (``found_inf``) without waiting for it,
+    the same way on a laptop as on a GPU."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     groups = param_groups(module, cfg)
     if fused is None:
         params = [p for group in groups for p in group["params"]]
-        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        supported = _get_fused_kernels_supported_devices()
+        fused = bool(params) and all(p.device.type in supported and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 

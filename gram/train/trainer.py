@@ -6,6 +6,7 @@ The trainer knows nothing about modalities: it moves batches, calls the task, st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from gram.data.errors import shown_ids
 from gram.eval.retrieval import move_to
 from gram.train import checkpoint as ckpt
 from gram.train.engine import build_engine
-from gram.train.launch import all_reduce_sum, any_rank, barrier, first_error
+from gram.train.launch import all_reduce_sum, barrier, first_error
 from gram.train.logger import read_metrics
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def _evaluated_metric(folder: Path, name: str) -> float:
     return float(value) if isinstance(value, (int, float)) else -math.inf
 
 
-__all__ = ["NonFiniteLossError", "StopRequest", "TooManyFailedSamplesError", "Trainer", "non_finite_ids"]
+__all__ = ["LaunchedStep", "NonFiniteLossError", "StopRequest", "TooManyFailedSamplesError", "Trainer",
+           "non_finite_ids", "non_finite_mask"]
 
 MEDIA_KEYS = ("video", "audio", "depth")
 
@@ -52,14 +54,40 @@ class NonFiniteLossError(UserError):
     """`trainer.max_bad_steps` steps in a row had a non-finite loss or gradient."""
 
 
-def non_finite_ids(batch: dict[str, Any]) -> list[str]:
-    """Ids of the batch's samples whose media tensors hold a NaN or infinite value."""
-    bad = torch.zeros(len(batch["ids"]), dtype=torch.bool)
+def non_finite_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """Which of the batch's samples have a NaN or infinite value in a media tensor: a bool tensor [B] on the
+    batch's device (computed without waiting for it)."""
+    bad = None
     for key in MEDIA_KEYS:
         values = batch.get(key)
         if isinstance(values, torch.Tensor) and values.is_floating_point():
-            bad |= ~torch.isfinite(values).flatten(1).all(dim=1).cpu()
-    return [sample_id for sample_id, flag in zip(batch["ids"], bad.tolist()) if flag]
+            flags = ~torch.isfinite(values).flatten(1).all(dim=1)
+            bad = flags if bad is None else bad | flags
+    return torch.zeros(len(batch["ids"]), dtype=torch.bool) if bad is None else bad
+
+
+def non_finite_ids(batch: dict[str, Any]) -> list[str]:
+    """Ids of the batch's samples whose media tensors hold a NaN or infinite value."""
+    return [sample_id for sample_id, flag in zip(batch["ids"], non_finite_mask(batch).tolist()) if flag]
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """An optimizer step whose work is queued on the device; its numbers are read (``Trainer.settle``) only once
+    the next step is queued too, so the host never makes the device wait.
+
+    ``numbers`` is one float64 tensor: [ranks with a non-finite step, samples seen, samples failed, ranks asked to
+    stop] summed over ranks, then this rank's values of ``names`` (loss parts, gradient norm)."""
+
+    step: int
+    numbers: torch.Tensor
+    names: list[str]
+    host: dict[str, float]  # lr and batch size, known on the host
+    inputs: list[tuple[list[str], torch.Tensor]]  # (ids, non_finite_mask) per micro-batch
+
+
+def _bad_inputs(ids: list[str]) -> str:
+    return f"; NaN or infinite values in the input of {shown_ids(ids)}" if ids else ""
 
 
 class StopRequest:
@@ -101,15 +129,16 @@ class StopRequest:
 
 
 # Step metrics that are not parts of the task's loss (the bar shows them last, in their own format).
-NOT_LOSS_PARTS = ("lr", "batch", "samples_per_s")
+NOT_LOSS_PARTS = ("lr", "batch", "samples_per_s", "grad_norm", "skipped_steps")
 
 
 def bar_postfix(metrics: dict[str, float]) -> dict[str, str]:
     """The progress bar's fields: the total loss, each loss part the task returns (e.g. contrastive, dam) and
-    other task scalars (temperature), then lr and samples/s."""
+    other task scalars (temperature), then lr, samples/s and the count of skipped steps when there are any."""
     parts = {k: f"{v:.4g}" for k, v in metrics.items() if k != "loss" and k not in NOT_LOSS_PARTS}
+    skipped = {"skipped": str(int(metrics["skipped_steps"]))} if metrics.get("skipped_steps") else {}
     return {"loss": f"{metrics['loss']:.4g}", **parts, "lr": f"{metrics['lr']:.1e}",
-            "sps": f"{metrics['samples_per_s']:.0f}"}
+            "sps": f"{metrics['samples_per_s']:.0f}", **skipped}
 
 
 class Trainer:
@@ -130,6 +159,9 @@ class Trainer:
         # ("SIGTERM", "SIGINT", "trainer.stop_after_steps").
         self.last_checkpoint: Path | None = None
         self.stopped_by: str | None = None
+        self.stop_agreed = False  # a settled step says some rank was asked to stop
+        self._last_bad: tuple[int, list[str]] = (0, [])  # the last skipped step and the ids with bad inputs
+        self._last_time = time.perf_counter()  # when the last step was reported (for samples/s)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -228,66 +260,95 @@ class Trainer:
         # Only a rank that gets nothing usable for a long while stops on its own (it cannot reach the next step).
         seen, failed = self.samples_seen + self._pending_seen, self.samples_failed + self._pending_failed
         if not batch["ids"] and seen >= 100 and failed > self.cfg.data.max_failed_fraction * seen:
-            self._fail_on_data(seen, failed, sorted(self.failed_paths))
+            self._fail_on_data(seen, failed, sorted(self.failed_paths), self.step)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only).
+        """One optimizer step over `grad_accum_steps` micro-batches (gradients synced on the last one only), its
+        numbers read at once. `fit` instead reads each step's numbers while the next one runs.
 
         A step whose loss or gradient is not finite on any rank is skipped on every rank and counted; the step
         numbers in messages are the ones `metrics.jsonl` and the log use (the first step is 1).
         """
-        batches, totals = self._micro_batches(), {}
+        metrics = self.settle(self.launch_step())
+        self.check_limits(self.step)
+        return metrics
+
+    def launch_step(self, stop_requested: bool = False) -> LaunchedStep:
+        """Queue one optimizer step on the device without reading anything back: whether it is finite is decided
+        on the device (the engine skips the update there), and the counts every rank must agree on (non-finite
+        ranks, samples seen and failed, ranks asked to stop) go in one all-reduce that nobody waits for."""
+        batches, totals, inputs = self._micro_batches(), {}, []
         for i, batch in enumerate(batches):
-            losses = self.engine.forward_backward(move_to(batch, self.device), len(batches), last=i == len(batches) - 1)
+            batch = move_to(batch, self.device)
+            inputs.append((batch["ids"], non_finite_mask(batch)))
+            losses = self.engine.forward_backward(batch, len(batches), last=i == len(batches) - 1)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / len(batches)
-        finite = bool(torch.isfinite(totals["loss"])) and self.engine.grads_finite()
-        # One all-reduce per step: ranks with a non-finite step, samples seen, samples that failed to load.
-        counts = torch.tensor([int(not finite), self._pending_seen, self._pending_failed], device=self.device)
-        bad_ranks, seen, failed = all_reduce_sum(counts).tolist()
+        finite = torch.isfinite(totals["loss"])
+        grad_norm = self.engine.grad_norm()
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+            totals["grad_norm"] = grad_norm.detach().float()
+        counts = torch.tensor([self._pending_seen, self._pending_failed, int(stop_requested)], dtype=torch.float64)
+        counts = torch.cat([(~finite).to(torch.float64).reshape(1), counts.to(self.device, non_blocking=True)])
         self._pending_seen = self._pending_failed = 0
-        self.samples_seen, self.samples_failed = self.samples_seen + seen, self.samples_failed + failed
-        self.engine.step(bad_ranks == 0)
+        counts = all_reduce_sum(counts)
+        self.engine.step(counts[0] == 0, grad_norm)
         self.step += 1
-        self._track_bad_steps(bad_ranks == 0, batches)
-        self._check_failed_fraction()
-        return {k: float(v) for k, v in totals.items()} | {"lr": self.engine.lr(), "skipped_steps": self.skipped_steps,
-                                                           "batch": sum(len(b["ids"]) for b in batches)}
+        numbers = torch.cat([counts, torch.stack(list(totals.values())).to(torch.float64)])
+        return LaunchedStep(self.step, numbers, list(totals), {"lr": self.engine.lr(),
+                            "batch": sum(len(b["ids"]) for b in batches)}, inputs)
 
-    def _track_bad_steps(self, finite: bool, batches: list[dict[str, Any]]) -> None:
+    def settle(self, launched: LaunchedStep) -> dict[str, float]:
+        """Read a launched step's numbers (the only wait for the device) and count them; a skipped step is
+        reported with the clips whose input is not finite. Returns the step's metrics; `check_limits` then
+        decides whether training goes on."""
+        bad_ranks, seen, failed, stopping, *values = launched.numbers.tolist()
+        self.samples_seen, self.samples_failed = self.samples_seen + int(seen), self.samples_failed + int(failed)
+        self.stop_agreed = self.stop_agreed or stopping > 0
+        self._track_bad_steps(bad_ranks == 0, launched)
+        return dict(zip(launched.names, values)) | launched.host | {"skipped_steps": self.skipped_steps}
+
+    def _track_bad_steps(self, finite: bool, launched: LaunchedStep) -> None:
         if finite:
             self.bad_steps = 0
             return
         self.bad_steps += 1
         self.skipped_steps += 1
         # Collective, but every rank is here: the decision to skip was all-reduced.
-        local = [sample_id for batch in batches for sample_id in non_finite_ids(batch)]
+        local = [sample_id for ids, mask in launched.inputs for sample_id, bad in zip(ids, mask.tolist()) if bad]
         culprits = sorted({sample_id for ids in dist.all_gather_object(local) for sample_id in ids})
-        inputs = f"; NaN or infinite values in the input of {shown_ids(culprits)}" if culprits else ""
+        self._last_bad = (launched.step, culprits)
         log.warning("step %d: non-finite loss or gradient, the update is skipped (%d in a row, %d in all)%s",
-                    self.step, self.bad_steps, self.skipped_steps, inputs)
+                    launched.step, self.bad_steps, self.skipped_steps, _bad_inputs(culprits))
+
+    def check_limits(self, step: int) -> None:
+        """Stop after `trainer.max_bad_steps` non-finite steps in a row, or when more than
+        `data.max_failed_fraction` of the samples failed to load (by step `step`)."""
         if self.bad_steps >= self.tcfg.max_bad_steps:
+            last, culprits = self._last_bad
             raise NonFiniteLossError(
                 f"{self.bad_steps} steps in a row had a non-finite loss or gradient (trainer.max_bad_steps="
-                f"{self.tcfg.max_bad_steps}), the last at step {self.step}{inputs}; "
+                f"{self.tcfg.max_bad_steps}), the last at step {last}{_bad_inputs(culprits)}; "
                 + ("remove or fix those clips" if culprits else
                    "lower trainer.lr, set trainer.grad_clip, or use trainer.precision=fp32 or bf16"))
+        self._check_failed_fraction(step)
 
-    def _check_failed_fraction(self) -> None:
+    def _check_failed_fraction(self, step: int) -> None:
         """Items without a media file and clips that failed to load, as a fraction of the data, against the limit
-        (from 100 samples on; the counts are global, so every rank decides alike)."""
+        (from 100 samples on; the counts are global, so every rank decides alike), after step `step`."""
         if self.samples_seen < 100:
             return
         fraction = self.missing_fraction + (1 - self.missing_fraction) * self.samples_failed / self.samples_seen
         if fraction > self.cfg.data.max_failed_fraction:
             paths = dist.all_gather_object(sorted(self.failed_paths)[:3])  # collective: every rank is here
-            self._fail_on_data(self.samples_seen, self.samples_failed, sorted({p for ps in paths for p in ps}))
+            self._fail_on_data(self.samples_seen, self.samples_failed, sorted({p for ps in paths for p in ps}), step)
 
-    def _fail_on_data(self, seen: int, failed: int, paths: list[str]) -> None:
+    def _fail_on_data(self, seen: int, failed: int, paths: list[str], step: int) -> None:
         missing = (f" and {self.missing_fraction:.1%} of the annotated items have no media file"
                    if self.missing_fraction else "")
         raise TooManyFailedSamplesError(
-            f"step {self.step}: {failed} of {seen} training samples failed to load{missing}, more than "
+            f"step {step}: {failed} of {seen} training samples failed to load{missing}, more than "
             f"data.max_failed_fraction={self.cfg.data.max_failed_fraction} (first: {' | '.join(paths[:3])}); "
             f"run scripts/check_dataset.py on the dataset")
 
@@ -335,29 +396,34 @@ class Trainer:
     def fit(self) -> dict[str, Any] | None:
         """Train to `max_steps` (or `stop_after_steps`, or a stop signal), evaluating and saving as configured.
 
-        A run stopped by too many failed samples or non-finite steps saves its last good weights first."""
+        Each step's numbers are read while the next step runs on the device (a step is settled at once when a
+        save or evaluation follows it), so a stop signal or a limit takes effect a step or two after it happens,
+        on every rank at the same step. A run stopped by too many failed samples or non-finite steps saves its
+        weights first (a skipped update is never applied)."""
         from tqdm.auto import tqdm
 
         stop_at = min(self.tcfg.max_steps, self.tcfg.stop_after_steps or self.tcfg.max_steps)
         bar = tqdm(total=stop_at, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.cfg.logger.progress_bar and dist.is_main_process()))
         self.task.train()
-        last_time = time.perf_counter()
+        self._last_time = time.perf_counter()
+        unsettled: list[LaunchedStep] = []
         with StopRequest() as stop:
-            while self.step < stop_at and not any_rank(stop.requested):  # all ranks stop after the same step
-                try:
-                    metrics = self.train_step()
-                except (NonFiniteLossError, TooManyFailedSamplesError) as error:
-                    bar.close()
-                    self._save_before_stopping(error)
-                    raise
-                now = time.perf_counter()
-                metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - last_time, 1e-9)
-                last_time = now
-                bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
-                bar.update(1)
-                self._log(metrics)
-                self.checkpoint_and_evaluate(final=False)
+            try:
+                while self.step < stop_at and not self.stop_agreed:
+                    unsettled.append(self.launch_step(stop.requested))
+                    due = self._save_or_evaluate_due()
+                    while len(unsettled) > (0 if due else 1):  # the previous step, or all before saving
+                        self._finish(unsettled.pop(0), bar)
+                    if due:
+                        self.checkpoint_and_evaluate(final=False)
+                while unsettled:
+                    self._finish(unsettled.pop(0), bar)
+            except (NonFiniteLossError, TooManyFailedSamplesError) as error:
+                error = self._finish_rest(unsettled, bar, error)
+                bar.close()
+                self._save_before_stopping(error)
+                raise error from None
         bar.close()
         if self.skipped_steps:
             log.warning("%d step(s) were skipped for a non-finite loss or gradient", self.skipped_steps)
@@ -368,6 +434,35 @@ class Trainer:
             self.save()
         return None
 
+    def _save_or_evaluate_due(self) -> bool:
+        """Whether `checkpoint_and_evaluate` has work after the current step (not counting the final one)."""
+        every = [self.tcfg.save_every, self.tcfg.eval_every if self.evaluate_fn is not None else 0]
+        return any(n and self.step % n == 0 for n in every)
+
+    def _finish(self, launched: LaunchedStep, bar) -> None:
+        """Settle a launched step, show and log it, then stop if a limit is reached."""
+        metrics = self.settle(launched)
+        now = time.perf_counter()
+        metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - self._last_time, 1e-9)
+        self._last_time = now
+        bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
+        bar.update(1)
+        self._log(launched.step, metrics)
+        self.check_limits(launched.step)
+
+    def _finish_rest(self, unsettled: list[LaunchedStep], bar, error: Exception) -> Exception:
+        """After a stop for bad steps or data, the steps already launched are counted and logged too (their updates
+        are applied, or skipped on the device); the error then describes the state they leave."""
+        for launched in unsettled:
+            with contextlib.suppress(NonFiniteLossError, TooManyFailedSamplesError):  # the check below reports
+                self._finish(launched, bar)
+        unsettled.clear()
+        try:
+            self.check_limits(self.step)
+        except (NonFiniteLossError, TooManyFailedSamplesError) as newer:
+            return newer
+        return error
+
     def _save_before_stopping(self, error: Exception) -> None:
         """Keep the work, and say where: the weights are the last good step's (a skipped update is never
         applied)."""
@@ -375,14 +470,14 @@ class Trainer:
             folder = self.save()
             error.args = (f"{error.args[0]}; the work so far (the last finite weights) is saved in {folder}",)
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
         """Every step's losses go to `<output_dir>/metrics.jsonl` (rank 0); every `log_every`-th to the log."""
         if dist.is_main_process():
             with open(Path(self.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        if self.step % self.tcfg.log_every and self.step not in (1, self.tcfg.max_steps):
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.tcfg.log_every and step not in (1, self.tcfg.max_steps):
             return
         parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        log.info("step %d/%d %s", self.step, self.tcfg.max_steps, parts)
+        log.info("step %d/%d %s", step, self.tcfg.max_steps, parts)
         if self.logger:
-            self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            self.logger.log({f"train/{k}": v for k, v in metrics.items()}, step)

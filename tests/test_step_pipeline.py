@@ -1,0 +1,118 @@
+"""The trainer never waits for the device inside a step (issue 17): a step is queued (`Trainer.launch_step`) and
+its numbers are read (`Trainer.settle`) while the next one runs. Checked on the CPU with the tiny GRAM task:
+
+* queuing a step reads nothing back (the finite check, the skip, the rank counts and the metrics stay tensors);
+* reading each step one step late trains exactly as reading it at once (same weights, same metrics.jsonl);
+* every save sees all steps before it counted; a stop signal still stops, saves and logs every step once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from gram.checkpoint_format import list_checkpoints
+from gram.losses import LossConfig
+from gram.main import to_dataclass
+from gram.train.checkpoint import load_train_state
+from gram.train.logger import read_metrics
+from gram.train.task import GramTask
+from gram.train.trainer import Trainer
+from tests.conftest import compose_config
+from tests.test_fast_paths import NoHostSync, tiny_batch, tiny_model
+
+BATCH = 3
+
+
+class TinyStream:
+    """The same tiny batch every step, under new ids; ``on_batch(n)`` runs before the n-th batch (1-based)."""
+
+    def __init__(self, on_batch=None) -> None:
+        self.micro_batch, self.position, self.on_batch = BATCH, 0, on_batch
+
+    def __next__(self) -> dict:
+        self.position += 1
+        if self.on_batch:
+            self.on_batch(self.position)
+        return tiny_batch(BATCH) | {"ids": [f"b{self.position}_{i}" for i in range(BATCH)], "skipped": []}
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def tiny_trainer(tmp_path, *overrides: str, stream: TinyStream | None = None) -> Trainer:
+    cfg = to_dataclass(compose_config("trainer.device=cpu", "trainer.warmup_ratio=0", "trainer.lr=1e-3",
+                                      "trainer.grad_clip=1.0", "logger.wandb.mode=disabled",
+                                      "logger.progress_bar=false", *overrides))
+    task = GramTask(tiny_model(), LossConfig())
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, task, stream or TinyStream(), torch.device("cpu"), {}, str(tmp_path))
+
+
+def test_queuing_a_step_reads_nothing_back_from_the_device(tmp_path):
+    trainer = tiny_trainer(tmp_path, "trainer.max_steps=5")
+    assert trainer.engine.optimizer.defaults["fused"]  # the default on CPU too: the same path as on a GPU
+    before = [p.detach().clone() for p in trainer.task.parameters()]
+    with NoHostSync():
+        launched = trainer.launch_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.task.parameters()))  # the update happened
+    metrics = trainer.settle(launched)  # the one read, afterwards
+    assert trainer.samples_seen == BATCH and metrics["batch"] == BATCH and metrics["skipped_steps"] == 0
+    assert {"loss", "contrastive", "dam", "grad_norm", "lr"} <= set(metrics) and metrics["grad_norm"] > 0
+
+
+def test_a_non_finite_step_is_skipped_without_reading_it_back(tmp_path):
+    trainer = tiny_trainer(tmp_path, "trainer.max_steps=5")
+    trainer.task.model.encoders["vision"].register_forward_hook(lambda module, args, out: out * float("nan"))
+    before = [p.detach().clone() for p in trainer.task.parameters()]
+    with NoHostSync():
+        launched = trainer.launch_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.task.parameters()))
+    trainer.settle(launched)
+    assert trainer.skipped_steps == 1 and trainer.bad_steps == 1
+
+
+def test_reading_each_step_late_trains_exactly_as_reading_it_at_once(tmp_path):
+    steps = 4
+    at_once = tiny_trainer(tmp_path / "a", f"trainer.max_steps={steps}")
+    torch.manual_seed(3)  # dropout and the DAM negatives draw from the global generator
+    records = [at_once.train_step() for _ in range(steps)]
+    late = tiny_trainer(tmp_path / "b", f"trainer.max_steps={steps}")
+    torch.manual_seed(3)
+    late.fit()
+    for a, b in zip(at_once.task.parameters(), late.task.parameters()):
+        assert torch.equal(a, b)
+    logged = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    for record, expected in zip(logged, records):
+        assert {k: v for k, v in record.items() if k not in ("step", "samples_per_s")} == expected
+    assert late.samples_seen == at_once.samples_seen == steps * BATCH
+
+
+def test_every_checkpoint_counts_all_steps_before_it(tmp_path):
+    trainer = tiny_trainer(tmp_path, "trainer.max_steps=5", "trainer.save_every=2", "trainer.keep_last=5")
+    trainer.fit()
+    saved = list_checkpoints(tmp_path)
+    assert [p.name for p in saved] == ["step_00000002", "step_00000004", "step_00000005"]
+    for folder in saved:
+        state, _ = load_train_state(folder)
+        assert state["samples_seen"] == state["step"] * BATCH  # settled before the save, none pending
+
+
+def test_a_stop_signal_stops_within_two_steps_saves_and_logs_every_step(tmp_path):
+    def terminate_at(position: int) -> None:
+        if position == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = tiny_trainer(tmp_path, "trainer.max_steps=20", stream=TinyStream(terminate_at))
+    trainer.fit()
+    # The signal arrives while step 3 is queued: step 3 or 4 carries it, and it is read one step later.
+    assert trainer.stopped_by == "SIGTERM" and 3 <= trainer.step <= 5
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{trainer.step:08d}"]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, trainer.step + 1))
+    assert signal.getsignal(signal.SIGTERM) is not trainer  # the handler was restored
