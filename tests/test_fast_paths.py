@@ -106,11 +106,20 @@ def _snapshot(engine: TorchEngine) -> list[torch.Tensor]:
 
 
 class NoHostSync(TorchFunctionMode):
-    """Fails on what would wait for the GPU: reading a tensor's value on the host."""
+    """Fails on what would wait for the GPU: reading a tensor's value on the host, or an op whose output shape
+    depends on the values (nonzero, boolean-mask indexing, unique). Autograd's backward is out of its reach
+    (tests/test_step_pipeline.py patches the tensor methods for that)."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    VALUE_SHAPED = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-            raise AssertionError(f"host sync in the step: Tensor.{func.__name__}")
+        name = getattr(func, "__name__", "")
+        boolean_index = name in ("__getitem__", "__setitem__") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in self.READS or name in self.VALUE_SHAPED or boolean_index:
+            raise AssertionError(f"host sync in the step: {name}")
         return func(*args, **(kwargs or {}))
 
 

@@ -1,13 +1,15 @@
 """The trainer never waits for the device inside a step (issue 17): a step is queued (`Trainer.launch_step`) and
 its numbers are read (`Trainer.settle`) while the next one runs. Checked on the CPU with the tiny GRAM task:
 
-* queuing a step reads nothing back (the finite check, the skip, the rank counts and the metrics stay tensors);
+* queuing a step reads nothing back, forward or backward (the finite check, the skip, the rank counts and the
+  metrics stay tensors);
 * reading each step one step late trains exactly as reading it at once (same weights, same metrics.jsonl);
 * every save sees all steps before it counted; a stop signal still stops, saves and logs every step once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -24,6 +26,27 @@ from tests.conftest import compose_config
 from tests.test_fast_paths import NoHostSync, tiny_batch, tiny_model
 
 BATCH = 3
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fails on every Python-level read of a tensor's value on the host (each would wait for a GPU), also inside
+    autograd's backward (custom Functions), which torch function modes such as `NoHostSync` do not reach."""
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def refuse(name: str):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"the step reads a tensor on the host: Tensor.{name}")
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 class TinyStream:
@@ -58,7 +81,7 @@ def test_queuing_a_step_reads_nothing_back_from_the_device(tmp_path):
     trainer = tiny_trainer(tmp_path, "trainer.max_steps=5")
     assert trainer.engine.optimizer.defaults["fused"]  # the default on CPU too: the same path as on a GPU
     before = [p.detach().clone() for p in trainer.task.parameters()]
-    with NoHostSync():
+    with NoHostSync(), no_host_reads():  # forward (modes also see value-dependent ops) and backward (patched)
         launched = trainer.launch_step()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.task.parameters()))  # the update happened
     metrics = trainer.settle(launched)  # the one read, afterwards
@@ -70,7 +93,7 @@ def test_a_non_finite_step_is_skipped_without_reading_it_back(tmp_path):
     trainer = tiny_trainer(tmp_path, "trainer.max_steps=5")
     trainer.task.model.encoders["vision"].register_forward_hook(lambda module, args, out: out * float("nan"))
     before = [p.detach().clone() for p in trainer.task.parameters()]
-    with NoHostSync():
+    with NoHostSync(), no_host_reads():
         launched = trainer.launch_step()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.task.parameters()))
     trainer.settle(launched)

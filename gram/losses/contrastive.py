@@ -84,10 +84,10 @@ class _SquareTwoWayCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, cols, row_lse, col_lse = ctx.saved_tensors
         n, s = rows.shape[0], ctx.smoothing
-        g_row, g_col = (grad / n).tolist()
+        g_row, g_col = (grad / n).to(rows.dtype)  # 0-d tensors: reading them on the host would wait for the GPU
         grad_rows = torch.sub(rows, row_lse.unsqueeze(1)).exp_().mul_(g_row)  # (B, B): row softmax term
-        col_softmax = torch.sub(cols, col_lse.unsqueeze(0)).exp_()  # (B, B)
-        grad_cols = grad_rows.add_(col_softmax, alpha=g_col) if ctx.same else col_softmax.mul_(g_col)
+        col_softmax = torch.sub(cols, col_lse.unsqueeze(0)).exp_().mul_(g_col)  # (B, B)
+        grad_cols = grad_rows.add_(col_softmax) if ctx.same else col_softmax
         for out, g in ((grad_rows, g_row), (grad_cols, g_col)):
             out.sub_(s * g / n)
             out.diagonal().sub_((1 - s) * g)
