@@ -390,3 +390,37 @@ def test_the_model_hands_sdpa_bf16_queries_keys_values_and_masks_under_autocast(
     assert len(seen) == cfg.model.vision.depth + cfg.model.audio.encoder_layers + 4 * cfg.model.text.num_layers
     offenders = [dtypes for dtypes in seen if any(d not in (torch.bfloat16, None) for d in dtypes[:3])]
     assert not offenders, f"SDPA calls with non-bf16 q/k/v: {offenders}"
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report() -> None:
+    """Print the numbers bench/README.md quotes ("Tensor cores"): sizes, head dims and forward FLOP shares."""
+    cfg = full_config()
+    with torch.device("meta"):
+        model = GramModel(cfg.model).train()
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    for name, encoder in model.encoders.items():
+        print(f"  encoders.{name}: {sum(p.numel() for p in encoder.parameters()):,}")
+    sizes = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            sizes[re.sub(r"\.\d+\.", ".N.", name), module.in_features, module.out_features] += 1
+    for (name, fan_in, fan_out), count in sizes.items():
+        print(f"  {count:3d} x {name}: {fan_in} -> {fan_out}")
+    with ShapeTrace(model) as sdpa, torch.no_grad():
+        out = model(paper_batch(cfg, 1, "meta"))
+        model.match(*paper_batch(cfg, 1, "meta")["text"].values(), out["condition"])
+    for call in sorted({(c.encoder, c.query, c.key) for c in sdpa.calls}):
+        print(f"  SDPA {call[0]}: q {call[1]}, k {call[2]} (head dim {call[1][-1]})")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(paper_batch(cfg, 1, "meta"))
+    flops = counter.get_flop_counts()
+    total = sum(flops["Global"].values())
+    print(f"forward FLOPs of one training sample (encoders and projections, no matching pass): {total / 1e12:.3f} T")
+    for name, per_op in flops.items():
+        if name.count(".") == 2 or name.endswith(("patch_embed.proj", "patch_embedding", "pos_conv.0")):
+            print(f"  {name}: {sum(per_op.values()) / 1e9:.2f} G ({sum(per_op.values()) / total:.3%})")
+
+
+if __name__ == "__main__":
+    report()
