@@ -651,9 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --smoke for the CPU run")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
+    if device.type != "cuda":  # (on a GPU the trainer's own settings: fp32 matmuls, the loss's, stay fp32)
         torch.set_num_threads(1)  # tiny shapes: threads only add contention on a shared CPU
     run = Run(args.budget_s, args.smoke, min_case_s=10.0 if args.smoke else 0.0)
     env = environment(device)
