@@ -17,10 +17,39 @@ __all__ = [
     "gather_sizes",
     "get_rank",
     "get_world_size",
+    "host_group",
     "is_dist_initialized",
     "is_main_process",
     "rank_offset",
+    "set_host_group",
 ]
+
+# The group that exchanges host-side integers (batch sizes, shapes), like torch.distributed's own default group a
+# process-wide resource: made once by gram.train.launch.init_from_env, next to an NCCL default group.
+_host_group: dist.ProcessGroup | None = None
+
+
+def set_host_group(group: dist.ProcessGroup | None) -> None:
+    """Use ``group`` (a gloo group over every rank) for sizes and shapes, or the default group again (None)."""
+    global _host_group
+    _host_group = group
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The gloo group that sizes and shapes travel in, or None when that is the default group."""
+    return _host_group
+
+
+def _all_gather_ints(values: list[int], device: torch.device | str) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on every rank), in rank order. They travel in host memory when a
+    gloo group is at hand (the host group, or a gloo default group): reading them then never waits for the GPU.
+    Otherwise they go on ``device``, which the default group's backend must support."""
+    group = host_group()
+    on_host = group is not None or dist.get_backend() == "gloo"
+    local = torch.tensor(values, dtype=torch.long, device="cpu" if on_host else device)
+    gathered = [torch.zeros_like(local) for _ in range(get_world_size())]
+    dist.all_gather(gathered, local, group=group)
+    return [t.tolist() for t in gathered]
 
 
 def is_dist_initialized() -> bool:
@@ -55,14 +84,12 @@ def all_gather_object(obj: Any) -> list[Any]:
 def gather_sizes(local_size: int, device: torch.device | str = "cpu") -> list[int]:
     """First-dimension sizes of every rank's tensor, in rank order.
 
-    ``device`` must be one the backend can communicate on (the tensors' own device is always fine).
+    ``device`` must be one the backend can communicate on (the tensors' own device is always fine); with a gloo
+    group at hand (see ``host_group``) the sizes stay in host memory.
     """
     if not is_dist_initialized():
         return [int(local_size)]
-    size = torch.tensor([int(local_size)], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
+    return [sizes[0] for sizes in _all_gather_ints([int(local_size)], device)]
 
 
 def rank_offset(sizes: list[int], rank: int | None = None) -> int:
@@ -72,14 +99,8 @@ def rank_offset(sizes: list[int], rank: int | None = None) -> int:
 
 
 def _gather_shapes(x: torch.Tensor) -> list[torch.Size]:
-    """Every rank's shape of ``x``; raises when the trailing dimensions disagree (they cannot be stacked).
-
-    The shapes travel as a tensor on ``x``'s own device, which the backend must support anyway.
-    """
-    shape = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)  # (ndim,)
-    shapes = [torch.zeros_like(shape) for _ in range(get_world_size())]
-    dist.all_gather(shapes, shape)
-    as_sizes = [torch.Size(s.tolist()) for s in shapes]
+    """Every rank's shape of ``x``; raises when the trailing dimensions disagree (they cannot be stacked)."""
+    as_sizes = [torch.Size(shape) for shape in _all_gather_ints(list(x.shape), x.device)]
     if len({s[1:] for s in as_sizes}) != 1:
         raise ValueError(
             f"all_gather needs equal trailing dimensions on every rank, got shapes {as_sizes}; "

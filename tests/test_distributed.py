@@ -117,8 +117,33 @@ def worker(rank: int, port: int) -> None:
         check_gather(rank)
         check_contrastive(rank)
         check_dam(rank)
+        check_host_group(rank)
     finally:
+        gd.set_host_group(None)
         dist.destroy_process_group()
+
+
+def check_host_group(rank: int) -> None:
+    """Next to an NCCL default group, sizes and shapes go through a gloo group in host memory (reading them must
+    not wait for the GPU); the same results, and only the small integers take that route."""
+    host = dist.new_group(backend="gloo")
+    gd.set_host_group(host)
+    groups = []
+    original = dist.all_gather
+
+    def recording(out, tensor, group=None, **kwargs):
+        groups.append((group, tensor.device.type))
+        return original(out, tensor, group=group, **kwargs)
+
+    dist.all_gather = recording
+    try:
+        assert gd.gather_sizes(rank + 2, device="meta") == [2, 3]  # "meta" cannot communicate: proof of the route
+        check_gather(rank)
+        check_contrastive(rank)
+    finally:
+        dist.all_gather = original
+        gd.set_host_group(None)
+    assert (host, "cpu") in groups and {g for g, _ in groups} == {host, None}
 
 
 def free_port() -> int:

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as torch_dist
 
+from gram import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -19,14 +21,17 @@ def init_from_env(timeout_minutes: int = 30) -> None:
     use_nccl = torch.cuda.is_available() and os.environ.get("GRAM_DIST_BACKEND", "") != "gloo"
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch_dist.init_process_group("nccl" if use_nccl else "gloo",
-                                  timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    torch_dist.init_process_group("nccl" if use_nccl else "gloo", timeout=timeout)
+    if use_nccl:  # batch sizes and shapes are exchanged every step: in host memory they never wait for the GPU
+        distributed.set_host_group(torch_dist.new_group(backend="gloo", timeout=timeout))
     if torch_dist.get_rank() != 0:  # one voice on the console: other ranks log warnings only
         logging.getLogger().setLevel(logging.WARNING)
     log.info("process group: %d ranks, backend %s", torch_dist.get_world_size(), torch_dist.get_backend())
 
 
 def destroy() -> None:
+    distributed.set_host_group(None)
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
