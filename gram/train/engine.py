@@ -1,8 +1,9 @@
 """Engines: how one optimizer step is taken. `TorchEngine` is one process or PyTorch DDP; `DeepSpeedEngine` is
 DeepSpeed ZeRO stage 1/2 with a config generated from ours (no second file to keep in sync).
 
-Both expose the same small interface to the trainer: `forward_backward` per micro-batch, `step`, `lr`,
-`state_dict`/`load_state_dict` and `save_extra`/`load_extra` for state that lives in per-rank files.
+Both expose the same small interface to the trainer: `forward_backward` per micro-batch, `grad_norm`, `step`, `lr`,
+`state_dict`/`load_state_dict` and `save_extra`/`load_extra` for state that lives in per-rank files. Nothing in
+them reads a tensor on the host, so a step is queued on the GPU without waiting for it.
 """
 
 from __future__ import annotations

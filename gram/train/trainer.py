@@ -1,6 +1,8 @@
-"""The training loop: a short sequence of named steps (train_step, evaluate, save) over one built run.
+"""The training loop: a short sequence of named steps (launch_step, settle, evaluate, save) over one built run.
 
-The trainer knows nothing about modalities: it moves batches, calls the task, steps the optimizer.
+The trainer knows nothing about modalities: it moves batches, calls the task, steps the optimizer. A step is queued
+on the device in full (`launch_step`) and its numbers are read (`settle`) while the next one runs, so the host
+never makes the GPU wait.
 """
 
 from __future__ import annotations
