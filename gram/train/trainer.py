@@ -84,7 +84,7 @@ class LaunchedStep:
     step: int
     numbers: torch.Tensor
     names: list[str]
-    host: dict[str, float]  # lr and batch size, known on the host
+    host: dict[str, float]  # lr, batch size and samples/s, known on the host
     inputs: list[tuple[list[str], torch.Tensor]]  # (ids, non_finite_mask) per micro-batch
 
 
@@ -163,7 +163,7 @@ class Trainer:
         self.stopped_by: str | None = None
         self.stop_agreed = False  # a settled step says some rank was asked to stop
         self._last_bad: tuple[int, list[str]] = (0, [])  # the last skipped step and the ids with bad inputs
-        self._last_time = time.perf_counter()  # when the last step was reported (for samples/s)
+        self._last_launch = time.perf_counter()  # when the last step was queued (for samples/s)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -298,8 +298,13 @@ class Trainer:
         self.engine.step(counts[0] == 0, grad_norm)
         self.step += 1
         numbers = torch.cat([counts, torch.stack(list(totals.values())).to(torch.float64)])
-        return LaunchedStep(self.step, numbers, list(totals), {"lr": self.engine.lr(),
-                            "batch": sum(len(b["ids"]) for b in batches)}, inputs)
+        # Steps are queued as fast as the device takes them (settle waits for the one before), so the time from one
+        # launch to the next is the step's time, also when the numbers are read in a burst at the end.
+        size, now = sum(len(b["ids"]) for b in batches), time.perf_counter()
+        host = {"lr": self.engine.lr(), "batch": size,
+                "samples_per_s": size * dist.get_world_size() / max(now - self._last_launch, 1e-9)}
+        self._last_launch = now
+        return LaunchedStep(self.step, numbers, list(totals), host, inputs)
 
     def settle(self, launched: LaunchedStep) -> dict[str, float]:
         """Read a launched step's numbers (the only wait for the device) and count them; a skipped step is
@@ -408,7 +413,7 @@ class Trainer:
         bar = tqdm(total=stop_at, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.cfg.logger.progress_bar and dist.is_main_process()))
         self.task.train()
-        self._last_time = time.perf_counter()
+        self._last_launch = time.perf_counter()
         unsettled: list[LaunchedStep] = []
         with StopRequest() as stop:
             try:
@@ -444,9 +449,6 @@ class Trainer:
     def _finish(self, launched: LaunchedStep, bar) -> None:
         """Settle a launched step, show and log it, then stop if a limit is reached."""
         metrics = self.settle(launched)
-        now = time.perf_counter()
-        metrics["samples_per_s"] = metrics["batch"] * dist.get_world_size() / max(now - self._last_time, 1e-9)
-        self._last_time = now
         bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
         bar.update(1)
         self._log(launched.step, metrics)
