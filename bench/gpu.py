@@ -142,7 +142,7 @@ def synthetic_batch(cfg, batch_size: int, device, training: bool = True, seed: i
             out["audio_mask"] = torch.ones(batch_size, dtype=torch.bool)
         elif modality == "subtitle":
             out["subtitle"] = tokens(data.max_subtitle_len)
-    from gram.eval.retrieval import move_to
+    from gram.data.batch import move_to
 
     return move_to(out, device)
 

@@ -37,15 +37,11 @@ from gram.data.audio import (
     load_audio_clips,
     silent_clips,
 )
-from gram.data.errors import shown_ids
+from gram.data.errors import TooManyFailedSamplesError, shown_ids
 from gram.data.video import VideoTransform, load_video_frames
 from gram.data.video_backends import require_backend
 
 log = logging.getLogger(__name__)
-
-
-class TooManyFailedSamplesError(UserError):
-    """More training items are missing or unusable than `data.max_failed_fraction` allows."""
 
 
 def require_finite(values: torch.Tensor, path: Path, what: str) -> torch.Tensor:

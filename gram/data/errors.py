@@ -14,6 +14,10 @@ def shown_ids(ids: Sequence[str], limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+class TooManyFailedSamplesError(UserError):
+    """More training items are missing or unusable than `data.max_failed_fraction` allows."""
+
+
 class MediaError(UserError):
     """Base class of every media-reading error; the message names the file. A `UserError`: reaching an entry point
     it is printed as one line (exit status 2)."""

@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 from gram import distributed as dist
 from gram.config import EvalConfig
 from gram.data.annotations import AnnotationRecord
+from gram.data.batch import move_to
 from gram.data.dataset import Collator, VideoTextDataset, report_unusable
 from gram.data.loader import eval_loader
 from gram.eval.metrics import retrieval_metrics
@@ -26,17 +27,6 @@ from gram.models.gram_model import GramModel
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
-
-
-def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors (also one level down, e.g. tokenized text) to `device`; everything else unchanged."""
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-    return {k: move(v) for k, v in batch.items()}
 
 
 def caption_queries(records: Sequence[AnnotationRecord], protocol: str) -> tuple[list[str], list[int]]:

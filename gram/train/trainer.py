@@ -24,9 +24,8 @@ from torch import nn
 from gram import distributed as dist
 from gram.cli import UserError
 from gram.config import GramConfig
-from gram.data.dataset import TooManyFailedSamplesError
-from gram.data.errors import shown_ids
-from gram.eval.retrieval import move_to
+from gram.data.batch import move_to
+from gram.data.errors import TooManyFailedSamplesError, shown_ids
 from gram.train import checkpoint as ckpt
 from gram.train.engine import build_engine
 from gram.train.launch import all_reduce_sum, barrier, first_error
