@@ -2,6 +2,7 @@
 recorded while the others still run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,17 @@ def test_the_smoke_command_with_compile(tmp_path):
     records = json.loads(out.read_text())["records"]
     compiled = next(r for r in records if r["section"] == "compile" and r["name"].startswith("compiled"))
     assert compiled["status"] == "ok" and compiled["blocks_compiled"] == 6  # 2 blocks x 3 encoders
+
+
+@pytest.mark.slow
+def test_the_device_command_returns_every_result_file(tmp_path):
+    """bench/device_run.sh is what a GPU session runs unattended: its smoke run leaves the results, logs, the
+    kernel summary and the compressed trace in $OUT (at most 8 files come back from the device machine)."""
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_BUDGET_S": "120"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh"), "--smoke"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) <= 8 and {"gpu.json", "gpu.log", "trace.log", "bench-README.md"} <= set(names), names
+    assert any(n.endswith(".trace.json.gz") for n in names) and any(n.startswith("kernels-") for n in names)
+    assert json.loads((tmp_path / "gpu.json").read_text())["records"]
