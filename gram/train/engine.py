@@ -130,7 +130,8 @@ def deepspeed_config(cfg: TrainerConfig, micro_batch: int) -> dict[str, Any]:
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # our AdamW with its parameter groups
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # Skip a step whose gradient norm is not finite (DeepSpeed 0.19's default, stated so it cannot change).
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0},  # 0: dynamic loss scaling
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -182,8 +183,11 @@ class DeepSpeedEngine:
         self.model.step()
         return losses
 
-    def grad_norm(self) -> None:
-        return None  # DeepSpeed stepped already, inside forward_backward (fp16 overflows are skipped by its scaler)
+    def grad_norm(self) -> torch.Tensor | None:
+        """The gradient norm DeepSpeed computed when it stepped, inside `forward_backward`: inf when it skipped the
+        update for a non-finite gradient (ZeRO 1/2 do in every precision), so the trainer counts that step."""
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm).detach().float().to(self.device)
 
     def step(self, finite: bool | torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         pass  # DeepSpeed stepped at the accumulation boundary; fp16 overflow steps are skipped by its scaler
