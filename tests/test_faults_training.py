@@ -198,7 +198,7 @@ class ToyTask(nn.Module):
 class ToyStream:
     def __init__(self, make_batch, micro_batch, missing_fraction=0.0):
         self.make_batch, self.micro_batch, self.position = make_batch, micro_batch, 0
-        self.dataset = type("Dataset", (), {"missing_fraction": missing_fraction})()
+        self.missing_fraction = missing_fraction
 
     def __next__(self):
         self.position += 1

@@ -312,3 +312,37 @@ def test_config_and_layout_errors(train_shards, test_shards):
 def test_pattern_source_counts_samples_from_the_tars(train_shards):
     pattern = str(Path(train_shards).parent / "shard-{000000..000003}.tar")
     assert load_shard_set(pattern).counts == load_shard_set(str(train_shards)).counts == (4, 4, 4, 4)
+
+
+def test_items_left_out_at_build_time_count_towards_the_failure_limit(sample, train_shards, tmp_path, caplog):
+    """A clip without media never reaches a shard; the index counts it, the stream weighs it by the mixture, and
+    the trainer adds it to the clips that fail to load (and refuses to start when it alone passes the limit)."""
+    from gram.main import to_dataclass
+    from gram.train.trainer import TooManyFailedSamplesError, Trainer
+    from tests.conftest import compose_config
+
+    records = json.loads(Path(sample["annotations"]["train"]).read_text())
+    ghosts = [{"video_id": f"ghost{i}", "desc": "never downloaded"} for i in range(4)]
+    annotations = tmp_path / "train_plus_ghosts.json"
+    annotations.write_text(json.dumps([*records, *ghosts]))
+    build(sample, "train", tmp_path / "holes", 4, annotations=annotations)
+    holes = tmp_path / "holes" / "index.json"
+    assert load_shard_set(str(holes)).missing_fraction == pytest.approx(4 / 20)
+    assert load_shard_set(str(train_shards)).missing_fraction == 0
+
+    def stream(weights: list[float]) -> ShardStream:
+        config = ShardsConfig(sources=[str(holes), str(train_shards)], weights=weights, shuffle_buffer=4)
+        return ShardStream(config, ShardDecoder(small_data(), MODALITIES, training=True), _stack, micro_batch=2,
+                           num_workers=0, seed=1, rank=0, world_size=1)
+
+    assert stream([1.0, 3.0]).missing_fraction == pytest.approx(0.25 * 0.2)  # by the mixture weights
+    assert "4 of 20 annotated items were left out when the shards were built" in caplog.text
+
+    def trainer(limit: float) -> Trainer:
+        cfg = to_dataclass(compose_config("trainer.device=cpu", "logger.wandb.mode=disabled",
+                                          f"data.max_failed_fraction={limit}"))
+        return Trainer(cfg, torch.nn.Linear(2, 2), stream([1.0, 3.0]), torch.device("cpu"), {}, str(tmp_path))
+
+    assert trainer(0.1).missing_fraction == pytest.approx(0.05)
+    with pytest.raises(TooManyFailedSamplesError, match=r"^5\.0% of the annotated training items .*=0\.04;"):
+        trainer(0.04)

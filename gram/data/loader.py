@@ -88,6 +88,11 @@ class TrainStream(EpochStream):
         self._sampler = ResumableSampler(dataset, seed)
         self._loader: DataLoader | None = None
 
+    @property
+    def missing_fraction(self) -> float:
+        """Fraction of the annotated items the dataset left out for lack of a media file."""
+        return self.dataset.missing_fraction
+
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 

@@ -290,10 +290,16 @@ class ShardSet:
     name: str
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    missing: int = 0  # annotated items left out when the shards were built (no media, empty caption)
 
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+    @property
+    def missing_fraction(self) -> float:
+        """Fraction of the annotated items that did not make it into the shards."""
+        return self.missing / max(self.total + self.missing, 1)
 
 
 def load_shard_set(source: str) -> ShardSet:
@@ -323,7 +329,8 @@ def _read_index(path: Path) -> ShardSet:
         raise ShardError(f"{path} is not a shard index of format {INDEX_FORMAT} with shards; rebuild it with "
                          f"scripts/make_shards.py")
     urls = tuple(str(path.parent / s["file"]) for s in index["shards"])
-    return ShardSet(str(path), urls, tuple(int(s["samples"]) for s in index["shards"]))
+    left_out = int(index.get("num_missing", 0)) + len(index.get("empty_caption_ids", ()))
+    return ShardSet(str(path), urls, tuple(int(s["samples"]) for s in index["shards"]), left_out)
 
 
 def _count_samples(path: Path) -> int:
@@ -549,6 +556,17 @@ class ShardStream(EpochStream):
                              f"{self.world_size} ranks); raise data.shards.samples_per_epoch or lower the batch size")
         self.epoch, self.batches_done = 0, 0
         self._iterator: Iterator[Any] | None = None
+        for shard_set in self.sets:
+            if shard_set.missing:
+                log.warning("%s: %d of %d annotated items were left out when the shards were built (their ids are in %s "
+                            "and the index's empty_caption_ids); they count towards data.max_failed_fraction",
+                            shard_set.name, shard_set.missing, shard_set.total + shard_set.missing, MISSING_FILE)
+
+    @property
+    def missing_fraction(self) -> float:
+        """Fraction of the items drawn that the shards lack (left out at build time), by the mixture weights."""
+        weights = self.config.source_weights()
+        return sum(w * s.missing_fraction for w, s in zip(weights, self.sets)) / sum(weights)
 
     def _check_shard_counts(self) -> None:
         slots = self.world_size * self.workers

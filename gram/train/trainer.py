@@ -153,8 +153,13 @@ class Trainer:
         # Global counts (summed over ranks every step), so every rank stops together at the same step.
         self.samples_seen, self.samples_failed, self.failed_paths = 0, 0, set()
         self._pending_seen, self._pending_failed = 0, 0  # this rank's counts since the last step
-        # Items the dataset left out for lack of a media file count with the clips that fail to load.
-        self.missing_fraction = getattr(getattr(stream, "dataset", None), "missing_fraction", 0.0)
+        # Items the data left out for lack of a media file (or, in shards, of a caption) count with the clips that
+        # fail to load; above the limit on their own, the run stops before it starts.
+        self.missing_fraction = getattr(stream, "missing_fraction", 0.0)
+        if self.missing_fraction > cfg.data.max_failed_fraction:
+            raise TooManyFailedSamplesError(
+                f"{self.missing_fraction:.1%} of the annotated training items have no media file or caption, more "
+                f"than data.max_failed_fraction={cfg.data.max_failed_fraction}; run scripts/check_dataset.py")
         self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
         # The checkpoint this run last saved or resumed from; why it stopped before max_steps, if it did
         # ("SIGTERM", "SIGINT", "trainer.stop_after_steps").
