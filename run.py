@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from gram.cli import run_with_clear_errors
 from gram.config import check_overrides, register_configs
-from gram.main import run
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 register_configs()
@@ -19,6 +18,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from gram.main import run  # torch and the models load only once there is a run: `--help` answers at once
+
     run_with_clear_errors(lambda: run(cfg))
 
 

@@ -16,8 +16,9 @@ torch and transformers before a script has parsed its arguments: `--help` answer
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gram._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,16 +44,7 @@ __all__ = ["GramConfig", "GramModel", "GramPredictor", "LossConfig", "ModelConfi
 assert set(__all__) == {*_EXPORTS, "__version__"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gram' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names

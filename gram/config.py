@@ -21,10 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from gram.data.preprocessing import DEFAULT_PRESET, PRESETS
-from gram.losses import LossConfig
-from gram.models.beats import BeatsConfig
-from gram.models.text import TextConfig
-from gram.models.vision import VisionConfig
+from gram.models.configs import BeatsConfig, TextConfig, VisionConfig
 
 MODALITIES = ("text", "video", "audio", "subtitle", "depth")
 DATA_MODALITIES = MODALITIES[1:]
@@ -56,6 +53,69 @@ def check_range(key: str, value: float | None, low: float | None = None, high: f
     ok = ok and (high is None or (value < high if high_open else value <= high))
     finite = "" if isinstance(value, (int, float)) and math.isfinite(value) else "a finite number "
     _require(ok, key, f"got {value}, must be {finite}{allowed}" + (" or null" if optional else ""))
+
+
+# The similarities gram.losses.similarity implements (it checks its table against these names); kept here so that a
+# config is checked without importing torch.
+SIMILARITY_NAMES = ("cosine", "symile", "triangle", "volume")
+
+_PARAMETRIZATIONS = ("log", "raw")
+
+
+@dataclass
+class LossConfig:
+    """Options of the GRAM contrastive loss and its baselines.
+
+    Attributes:
+        name: similarity, one of ``SIMILARITY_NAMES``: volume (GRAM) | cosine | symile | triangle.
+        temperature_init: initial temperature tau (logits are scores / tau).
+        temperature_parametrization: "log" (default) learns log(tau) and clamps tau to
+            [temperature_min, temperature_max]. tau stays positive whatever the optimiser does, steps are
+            relative (a step changes tau by a factor, not by an absolute amount that is huge when tau is
+            small), and the clamp stops the logits from blowing up (as CLIP's logit-scale cap does).
+            "raw" is the reference: tau is a plain learnable divisor with no constraint, which can
+            cross zero and flip the sign of the loss.
+        temperature_min, temperature_max: clamp range of the "log" parametrisation (ignored for "raw").
+        learnable_temperature: False keeps tau fixed at ``temperature_init``.
+        label_smoothing: label smoothing of both cross-entropies (reference: 0.1).
+        gather_with_grad: False (reference) detaches the negatives gathered from the other ranks (and,
+            in each direction, the other side of the pair even on one rank); True back-propagates
+            through the all-gather into every embedding.
+        dam_weight: weight of the Data-Anchor Matching loss (reference 0.1); 0 disables DAM.
+        chunk_size: > 0 computes the similarity in chunks of that many global-batch rows and
+            recomputes each chunk in the backward pass, so memory stays O(B_local x B_global);
+            0 computes the whole batch at once (fastest).
+    """
+
+    name: str = "volume"
+    temperature_init: float = 0.07
+    temperature_parametrization: str = "log"
+    temperature_min: float = 0.01
+    temperature_max: float = 1.0
+    learnable_temperature: bool = True
+    label_smoothing: float = 0.1
+    gather_with_grad: bool = False
+    dam_weight: float = 0.1
+    chunk_size: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, SIMILARITY_NAMES, "loss.name")
+        _one_of(self.temperature_parametrization, _PARAMETRIZATIONS, "loss.temperature_parametrization")
+        check_range("loss.temperature_init", self.temperature_init, 0, low_open=True)
+        self._check_temperature_range()
+        check_range("loss.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_range("loss.dam_weight", self.dam_weight, 0)  # 0 disables DAM
+        check_range("loss.chunk_size", self.chunk_size, 0)  # 0: no chunking
+
+    def _check_temperature_range(self) -> None:
+        """The log parametrisation needs 0 < temperature_min <= temperature_init <= temperature_max."""
+        if self.temperature_parametrization != "log":
+            return
+        low, high = self.temperature_min, self.temperature_max
+        check_range("loss.temperature_max", high, 0, low_open=True)
+        check_range("loss.temperature_min", low, 0, high, low_open=True)
+        _require(low <= self.temperature_init <= high, "loss.temperature_init", f"got {self.temperature_init}, must "
+                 f"be in [loss.temperature_min, loss.temperature_max] = [{low}, {high}]")
 
 
 @dataclass

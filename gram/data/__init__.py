@@ -5,8 +5,9 @@ Names are imported on first use, so `gram.data.annotations` (plain Python) loads
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gram._lazy import lazy_exports
 
 _EXPORTS = {
     "AnnotationRecord": "gram.data.annotations",
@@ -22,12 +23,7 @@ __all__ = ["AnnotationRecord", "VideoTransform", "load_audio_clips", "load_video
            "resolve_media", "silent_clips"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gram.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

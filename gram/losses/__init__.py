@@ -1,6 +1,6 @@
 """GRAM objectives: Gramian volume, two-way contrastive loss, DAM, and baseline similarities."""
 
-from gram.losses.config import LossConfig
+from gram.config import LossConfig
 from gram.losses.contrastive import ContrastiveLoss, build_loss
 from gram.losses.dam import dam_loss, negative_sampling_probs, sample_hard_negatives
 from gram.losses.similarity import get_similarity, list_similarities

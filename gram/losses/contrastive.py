@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gram.config import LossConfig
 from gram.distributed import all_gather, gather_sizes, get_world_size, rank_offset
-from gram.losses.config import LossConfig
 from gram.losses.similarity import SimilarityFn, get_similarity, get_split_similarity
 
 __all__ = ["ContrastiveLoss", "build_loss"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gram.config import SIMILARITY_NAMES
 from gram.losses.volume import _check_inputs, _compute_dtype, as_scalar, simplex_volume, split_volume, volume
 
 __all__ = ["SimilarityFn", "SplitSimilarityFn", "get_similarity", "get_split_similarity", "list_similarities"]
@@ -143,6 +144,7 @@ _SIMILARITIES: dict[str, SimilarityFn] = {
     "symile": symile_scores,
     "triangle": triangle_scores,
 }
+assert set(_SIMILARITIES) == set(SIMILARITY_NAMES)  # the config validates names without importing this module
 
 
 # Similarities that can give both loss directions from one computation with split gradients.

@@ -20,9 +20,8 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,22 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gram.checkpoint_format import load_tensor_file
+from gram.models.configs import ACTIVATION_NAMES, BeatsConfig
 
 logger = logging.getLogger(__name__)
-
-# Fields the official BEATsConfig knows whose values do not change the feature encoder: the classification head of
-# fine-tuned checkpoints, which GRAM never uses (its ``predictor.*`` weights are dropped when loading).
-IGNORED_OFFICIAL_FIELDS = frozenset({"finetuned_model", "predictor_dropout", "predictor_class"})
-
-# Official BEATsConfig defaults that differ from ours (ours are the iter3+ values). A checkpoint cfg that omits a
-# field gets the official default, exactly as the official code would build it.
-_OFFICIAL_DEFAULTS_DIFFERING = {
-    "input_patch_size": -1,
-    "deep_norm": False,
-    "relative_position_embedding": False,
-    "max_distance": 1280,
-    "gru_rel_pos": False,
-}
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -55,100 +41,9 @@ _ACTIVATIONS = {
     "linear": lambda x: x,
 }
 
+assert set(_ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config validates against the names
+
 _README_HINT = 'see pretrained_weights/README.md, section "BEATs"'
-
-
-@dataclass
-class BeatsConfig:
-    """BEATs hyper-parameters, named as the official ``BEATsConfig``; defaults are the iter3+ base model.
-
-    ``grad_checkpointing`` recomputes each layer in the backward pass (training only); ``weights`` is an optional
-    path to an official ``.pt`` checkpoint whose embedded cfg then defines the network (see :func:`build_beats`).
-    With ``encoder_layerdrop > 0`` ranks skip different layers, so DDP needs ``find_unused_parameters=True``.
-    """
-
-    input_patch_size: int = 16
-    embed_dim: int = 512
-    conv_bias: bool = False
-    encoder_layers: int = 12
-    encoder_embed_dim: int = 768
-    encoder_ffn_embed_dim: int = 3072
-    encoder_attention_heads: int = 12
-    activation_fn: str = "gelu"
-    layer_wise_gradient_decay_ratio: float = 1.0
-    layer_norm_first: bool = False
-    deep_norm: bool = True
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    encoder_layerdrop: float = 0.0
-    dropout_input: float = 0.0
-    conv_pos: int = 128
-    conv_pos_groups: int = 16
-    relative_position_embedding: bool = True
-    num_buckets: int = 320
-    max_distance: int = 800
-    gru_rel_pos: bool = True
-    grad_checkpointing: bool = False
-    weights: Optional[str] = None  # noqa: UP045 (Hydra structured configs need typing.Optional)
-
-    def __post_init__(self) -> None:
-        for name in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
-                     "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BeatsConfig.{name} must be >= 1, got {getattr(self, name)}")
-        self._check_divisible("encoder_embed_dim", "encoder_attention_heads")
-        self._check_divisible("encoder_embed_dim", "conv_pos_groups")
-        if self.activation_fn not in _ACTIVATIONS:
-            raise ValueError(f"BeatsConfig.activation_fn={self.activation_fn!r} is not supported; "
-                             f"use one of {sorted(_ACTIVATIONS)}")
-        if self.deep_norm and self.layer_norm_first:
-            raise ValueError("BeatsConfig: deep_norm requires post-LN; set layer_norm_first=False")
-        for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"BeatsConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.layer_wise_gradient_decay_ratio <= 0:
-            raise ValueError("BeatsConfig.layer_wise_gradient_decay_ratio must be > 0, "
-                             f"got {self.layer_wise_gradient_decay_ratio}")
-        if self.relative_position_embedding:
-            self._check_buckets()
-
-    def _check_divisible(self, dim_name: str, by_name: str) -> None:
-        dim, by = getattr(self, dim_name), getattr(self, by_name)
-        if dim % by:
-            raise ValueError(f"BeatsConfig.{dim_name}={dim} must be divisible by {by_name}={by}")
-
-    def _check_buckets(self) -> None:
-        # Bidirectional buckets: half per direction, and half of those are exact distances (max_exact).
-        max_exact = self.num_buckets // 4
-        if max_exact < 1 or self.max_distance <= max_exact:
-            raise ValueError(f"BeatsConfig needs num_buckets >= 4 and max_distance > num_buckets // 4, got "
-                             f"num_buckets={self.num_buckets}, max_distance={self.max_distance}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.encoder_embed_dim // self.encoder_attention_heads
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> BeatsConfig:
-        """Build from an official checkpoint's ``cfg`` dict (or from ``dataclasses.asdict`` of a BeatsConfig).
-
-        Missing fields take the official BEATsConfig defaults. Unknown fields raise ``ValueError``, except the
-        documented :data:`IGNORED_OFFICIAL_FIELDS`, which do not change the encoder.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - names - IGNORED_OFFICIAL_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown BEATs cfg fields {unknown}; known: {sorted(names)} "
-                             f"(ignored: {sorted(IGNORED_OFFICIAL_FIELDS)})")
-        values = {**_OFFICIAL_DEFAULTS_DIFFERING, **{k: v for k, v in cfg.items() if k in names}}
-        return cls(**values)
-
-    def to_official_dict(self) -> dict[str, Any]:
-        """The cfg dict in the official checkpoint layout (without our run-time fields)."""
-        out = dataclasses.asdict(self)
-        del out["grad_checkpointing"], out["weights"]
-        return {**out, "finetuned_model": False, "predictor_dropout": 0.1, "predictor_class": 527}
 
 
 def beats_tiny_config(**overrides: Any) -> BeatsConfig:

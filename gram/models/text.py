@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings, BertIntermediate, BertOutput
 
+from gram.models.configs import TextConfig
 from gram.models.vision import load_strict
 
 logger = logging.getLogger(__name__)
@@ -48,51 +49,6 @@ _CONFIG_FIELDS = {
     "max_position_embeddings": "max_position_embeddings",
     "type_vocab_size": "type_vocab_size",
 }
-
-
-@dataclass
-class TextConfig:
-    """Structured config of the BERT text encoder (defaults: bert-base-uncased with cross-attention).
-
-    ``weights`` is an optional bert-base-uncased folder (``config.json`` + ``model.safetensors`` or
-    ``pytorch_model.bin``). ``attn_implementation`` is transformers' attention backend ("sdpa" or "eager").
-    """
-
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    cross_attention: bool = True
-    grad_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-    weights: str | None = None
-
-    def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
-        for name in (*sizes, "max_position_embeddings", "type_vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TextConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"TextConfig.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"TextConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(
-                f"TextConfig.attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
-            )
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"TextConfig.pad_token_id={self.pad_token_id} is outside the vocabulary")
 
 
 def text_tiny_config(vocab_size: int, **overrides) -> TextConfig:

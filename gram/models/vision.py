@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,58 +25,14 @@ from safetensors.torch import load_file
 from timm.layers import LayerNorm, resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
+from gram.models.configs import VisionConfig
+
 TIMM_ARCH = "eva_giant_patch14_224"
 WEIGHTS_HELP = "pretrained_weights/README.md, section EVA-CLIP"
 # Keys that wrap the state dict in the original EVA-CLIP and open_clip checkpoints, tried in this order.
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 # Layout prefixes, longest first: open_clip wraps timm as `visual.trunk`, EVA-CLIP uses `visual`.
 _LAYOUT_PREFIXES = ("visual.trunk.", "visual.", "")
-
-
-@dataclass
-class VisionConfig:
-    """Structured config of the EVA vision tower (defaults: EVA01-CLIP-g/14 at 224 px).
-
-    ``mlp_hidden`` is the MLP width itself (6144 for EVA-g, i.e. ``int(1408 * 4.3637)``).
-    ``head_dim`` is the size of EVA-CLIP's projection head; 0 builds the tower without it (GRAM never uses it).
-    ``weights`` is an optional path to EVA-CLIP visual weights in any supported layout.
-    """
-
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1408
-    depth: int = 40
-    num_heads: int = 16
-    mlp_hidden: int = 6144
-    drop_path_rate: float = 0.4
-    layer_norm_eps: float = 1e-6
-    head_dim: int = 0
-    grad_checkpointing: bool = False
-    weights: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_hidden"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"VisionConfig.image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
-            )
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"VisionConfig.width={self.width} must be divisible by num_heads={self.num_heads}"
-            )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"VisionConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.head_dim < 0:
-            raise ValueError(f"VisionConfig.head_dim must be >= 0 (0 = no head), got {self.head_dim}")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"VisionConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image: CLS plus (image_size / patch_size)^2 patches."""
-        return 1 + (self.image_size // self.patch_size) ** 2
 
 
 def vision_tiny_config(**overrides) -> VisionConfig:
