@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gram.cli import run_with_clear_errors
-from gram.config import check_overrides, register_configs
+from gram.config import check_overrides, register_configs, to_dataclass
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 register_configs()
@@ -18,9 +18,13 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from gram.main import run  # torch and the models load only once there is a run: `--help` answers at once
+    def checked_run() -> None:
+        to_dataclass(cfg)  # a value out of range is refused before torch and the models load
+        from gram.main import run  # (so `--help` and config mistakes answer at once)
 
-    run_with_clear_errors(lambda: run(cfg))
+        run(cfg)
+
+    run_with_clear_errors(checked_run)
 
 
 if __name__ == "__main__":

@@ -525,3 +525,10 @@ def check_no_extra_keys(node: Any, schema: type = None, prefix: str = "") -> Non
         tp = _unwrap_optional(hints[name])
         if dataclasses.is_dataclass(tp) and hasattr(node[name], "keys"):  # a section (None when optional and unset)
             check_no_extra_keys(node[name], tp, key + ".")
+
+
+def to_dataclass(cfg: Any) -> GramConfig:
+    """Typed, validated config (runs every `__post_init__`); a key added with `+key=` that the schema does not
+    declare is an error naming it, not an attribute nothing reads."""
+    check_no_extra_keys(cfg)
+    return OmegaConf.to_object(cfg)

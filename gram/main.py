@@ -23,7 +23,7 @@ from gram.config import (
     GramConfig,
     LossConfig,
     ModelConfig,
-    check_no_extra_keys,
+    to_dataclass,
     typed_section,
     without_pretrained,
 )
@@ -43,13 +43,6 @@ from gram.train.task import GramTask
 from gram.train.trainer import Trainer
 
 log = logging.getLogger("gram")
-
-
-def to_dataclass(cfg: DictConfig) -> GramConfig:
-    """Typed, validated config (runs every `__post_init__`); a key added with `+key=` that the schema does not
-    declare is an error naming it, not an attribute nothing reads."""
-    check_no_extra_keys(cfg)
-    return OmegaConf.to_object(cfg)
 
 
 def seed_everything(seed: int) -> None:

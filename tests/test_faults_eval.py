@@ -281,16 +281,17 @@ def test_every_script_answers_help_without_importing_torch(name):
     assert proc.stdout.strip().splitlines()[-1] == "HEAVY  CODE 0", proc.stdout[-500:]
 
 
-def test_run_py_answers_help_and_refuses_a_wrong_key_without_importing_torch():
+def test_run_py_answers_help_and_refuses_config_mistakes_without_importing_torch():
     """The encoder configs (gram.models.configs) and the loss config are plain dataclasses: composing the config
     needs neither torch nor transformers (run.py --help took 10 s before, 1.5 s now on a 2-core VM)."""
     run_py = str(SCRIPTS.parent / "run.py")
     proc = subprocess.run([sys.executable, "-c", HELP_RUNNER, run_py], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Powered by Hydra" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "HEAVY  CODE 0"
-    wrong_key = HELP_RUNNER.replace('"--help"', '"trainer.max_step=3"')
-    proc = subprocess.run([sys.executable, "-c", wrong_key, run_py], capture_output=True, text=True, timeout=120)
-    assert "trainer.max_steps" in proc.stderr and proc.stdout.strip().splitlines()[-1] == "HEAVY  CODE 2"
+    for mistake, named in (("trainer.max_step=3", "trainer.max_steps"), ("trainer.lr=-1", "trainer.lr")):
+        runner = HELP_RUNNER.replace('"--help"', repr(mistake))
+        proc = subprocess.run([sys.executable, "-c", runner, run_py], capture_output=True, text=True, timeout=120)
+        assert named in proc.stderr and proc.stdout.strip().splitlines()[-1] == "HEAVY  CODE 2", proc.stderr
 
 
 def test_every_script_main_goes_through_run_with_clear_errors():
