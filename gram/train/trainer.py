@@ -419,10 +419,13 @@ class Trainer:
         self.task.train()
         self._last_launch = time.perf_counter()
         unsettled: list[LaunchedStep] = []
+        launching = False
         with StopRequest() as stop:
             try:
                 while self.step < stop_at and not self.stop_agreed:
+                    launching = True
                     unsettled.append(self.launch_step(stop.requested))
+                    launching = False
                     due = self._save_or_evaluate_due()
                     while len(unsettled) > (0 if due else 1):  # the previous step, or all before saving
                         self._finish(unsettled.pop(0), bar)
@@ -431,7 +434,9 @@ class Trainer:
                 while unsettled:
                     self._finish(unsettled.pop(0), bar)
             except (NonFiniteLossError, TooManyFailedSamplesError) as error:
-                error = self._finish_rest(unsettled, bar, error)
+                # A rank that stops while gathering its batches stops alone: it must not enter a collective.
+                if not (launching and dist.get_world_size() > 1):
+                    error = self._finish_rest(unsettled, bar, error)
                 bar.close()
                 self._save_before_stopping(error)
                 raise error from None
