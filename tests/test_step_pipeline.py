@@ -141,3 +141,19 @@ def test_a_stop_signal_stops_within_two_steps_saves_and_logs_every_step(tmp_path
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{trainer.step:08d}"]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, trainer.step + 1))
     assert signal.getsignal(signal.SIGTERM) is not trainer  # the handler was restored
+
+
+def test_the_bar_shows_samples_per_second_over_recent_steps(tmp_path):
+    """metrics.jsonl keeps each step's own speed; the bar averages step times (0.1 s, then 0.4 s -> 0.13 s)."""
+    from gram.train.trainer import LaunchedStep
+
+    trainer = tiny_trainer(tmp_path, "trainer.max_steps=5")
+    shown = []
+    bar = type("Bar", (), {"set_postfix": lambda self, fields, refresh: shown.append(fields["sps"]),
+                           "update": lambda self, n: None})()
+    for step, speed in ((1, 100.0), (2, 25.0)):
+        numbers = torch.tensor([0.0, 10, 0, 0, 1.5], dtype=torch.float64)  # finite, 10 seen, loss 1.5
+        trainer._finish(LaunchedStep(step, numbers, ["loss"], {"lr": 1e-3, "batch": 10, "samples_per_s": speed}, []),
+                        bar)
+    assert shown == ["100", "77"]
+    assert [r["samples_per_s"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [100.0, 25.0]

@@ -168,6 +168,7 @@ class Trainer:
         self.stop_agreed = False  # a settled step says some rank was asked to stop
         self._last_bad: tuple[int, list[str]] = (0, [])  # the last skipped step and the ids with bad inputs
         self._last_launch = time.perf_counter()  # when the last step was queued (for samples/s)
+        self._step_seconds: float | None = None  # recent steps' mean duration, for the progress bar
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -458,7 +459,12 @@ class Trainer:
     def _finish(self, launched: LaunchedStep, bar) -> None:
         """Settle a launched step, show and log it, then stop if a limit is reached."""
         metrics = self.settle(launched)
-        bar.set_postfix(bar_postfix(metrics), refresh=False)  # drawn by update, at most every 0.1 s
+        # The bar shows samples/s over the recent steps (an average of step times): per step it jumps with the loader.
+        samples = metrics["batch"] * dist.get_world_size()
+        seconds = samples / metrics["samples_per_s"]
+        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+        shown = metrics | {"samples_per_s": samples / self._step_seconds}
+        bar.set_postfix(bar_postfix(shown), refresh=False)  # drawn by update, at most every 0.1 s
         bar.update(1)
         self._log(launched.step, metrics)
         self.check_limits(launched.step)
